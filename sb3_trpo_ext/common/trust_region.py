@@ -1,0 +1,479 @@
+"""
+The trust-region policy step, as small pure pieces plus one orchestration.
+
+Notation: ``theta`` are the actor parameters, ``g`` the gradient of the surrogate objective, ``F`` the Fisher
+information of the *joint* action distribution averaged over states (= Hessian of the mean KL(old||new) at
+``theta_old``), ``A = F + damping * I`` the matrix conjugate gradient solves with.
+
+Every algorithm variant (feed-forward, recurrent, maskable) calls :func:`trust_region_update`; only the
+closures that evaluate the action distribution differ between them.
+"""
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch as th
+from stable_baselines3.common.distributions import (
+    BernoulliDistribution,
+    CategoricalDistribution,
+    Distribution,
+    MultiCategoricalDistribution,
+    kl_divergence,
+)
+from torch import nn
+
+# --------------------------------------------------------------------------------------------------------------
+# Flat-parameter helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def flat_concat(tensors: Sequence[th.Tensor]) -> th.Tensor:
+    """
+    Concatenate tensors into one flat vector (a copy, detached from any graph).
+
+    :param tensors: Tensors of arbitrary shapes
+    :return: 1-D tensor holding all elements in order
+    """
+    return th.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def flat_grad(output: th.Tensor, params: Sequence[nn.Parameter], retain_graph: bool = False) -> th.Tensor:
+    """
+    Gradient of a scalar w.r.t. ``params`` as one flat vector; parameters the output does not depend on get zeros.
+
+    :param output: Scalar tensor
+    :param params: Parameters to differentiate with respect to
+    :param retain_graph: Keep the graph for further differentiation
+    :return: Flat gradient
+    """
+    grads = th.autograd.grad(output, params, retain_graph=retain_graph, allow_unused=True)
+    return th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params, strict=True)])
+
+
+def unflatten_like(vector: th.Tensor, params: Sequence[th.Tensor]) -> list[th.Tensor]:
+    """
+    Split a flat vector into views shaped like ``params``.
+
+    :param vector: Flat vector with as many elements as ``params`` together
+    :param params: Reference tensors
+    :return: One view of ``vector`` per parameter
+    """
+    sizes = [p.numel() for p in params]
+    return [chunk.view_as(p) for chunk, p in zip(th.split(vector, sizes), params, strict=True)]
+
+
+@th.no_grad()
+def set_flat_params(params: Sequence[nn.Parameter], vector: th.Tensor) -> None:
+    """
+    Write a flat vector into the parameters in place (storage is kept, so optimizers keep working).
+
+    :param params: Parameters to overwrite
+    :param vector: Flat vector, e.g. from :func:`flat_concat`
+    """
+    for p, value in zip(params, unflatten_like(vector, params), strict=True):
+        p.copy_(value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Conjugate gradient
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConjugateGradientResult:
+    """Solution of ``A x = b`` and how far CG got."""
+
+    x: th.Tensor
+    n_steps: int
+    relative_residual: float
+
+
+def conjugate_gradient(
+    matrix_vector_product: Callable[[th.Tensor], th.Tensor],
+    b: th.Tensor,
+    max_steps: int,
+    residual_tol: float = 1e-10,
+) -> ConjugateGradientResult:
+    """
+    Solve ``A x = b`` for a symmetric positive-definite ``A`` given only ``v -> A v``.
+
+    Starts from ``x = 0`` (so the first iterate is the steepest-ascent direction) and stops after ``max_steps``
+    products or once ``||b - A x|| <= residual_tol * ||b||``.
+
+    :param matrix_vector_product: Function computing ``A v``
+    :param b: Right-hand side
+    :param max_steps: Maximum number of matrix-vector products
+    :param residual_tol: Relative residual at which to stop early
+    :return: The solution, the number of products used and the final relative residual
+    """
+    x = th.zeros_like(b)
+    r = b.clone()
+    p = b.clone()
+    r_dot_r = th.dot(r, r)
+    b_norm = math.sqrt(r_dot_r.item())
+    if b_norm == 0.0:
+        return ConjugateGradientResult(x, 0, 0.0)
+    n_steps = 0
+    for n_steps in range(1, max_steps + 1):
+        a_p = matrix_vector_product(p)
+        p_a_p = th.dot(p, a_p)
+        alpha = r_dot_r / p_a_p
+        x += alpha * p
+        r -= alpha * a_p
+        new_r_dot_r = th.dot(r, r)
+        if not math.isfinite(new_r_dot_r.item()) or math.sqrt(new_r_dot_r.item()) <= residual_tol * b_norm:
+            r_dot_r = new_r_dot_r
+            break
+        p = r + (new_r_dot_r / r_dot_r) * p
+        r_dot_r = new_r_dot_r
+    return ConjugateGradientResult(x, n_steps, math.sqrt(r_dot_r.item()) / b_norm)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# KL divergence and Fisher information of SB3 distributions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def joint_kl(old: Distribution, new: Distribution) -> th.Tensor:
+    """
+    KL(old || new) of the joint action distribution, one value per state.
+
+    SB3's ``kl_divergence`` returns one value per action dimension for factorised distributions (Gaussian,
+    Bernoulli); the joint KL of independent dimensions is their sum.
+
+    :param old: Distribution the data was collected with
+    :param new: Distribution being evaluated
+    :return: Tensor of shape (batch,)
+    """
+    kl = kl_divergence(old, new)
+    return kl.sum(dim=tuple(range(1, kl.dim()))) if kl.dim() > 1 else kl
+
+
+def detached_copy(distribution: Distribution) -> Distribution:
+    """
+    Freeze a distribution: a shallow copy that survives the policy re-populating its ``action_dist``.
+
+    SB3 policies reuse one ``Distribution`` object and *re-assign* its attributes on every forward pass, so
+    a shallow copy keeps the old values. Call it on a distribution computed under ``th.no_grad()``.
+
+    :param distribution: Distribution to copy
+    :return: The copy
+    """
+    return copy.copy(distribution)
+
+
+# A "metric" maps tangents of the distribution statistics to M @ tangent, where M is the Fisher information of
+# the joint action distribution in those statistics' coordinates.
+Metric = Callable[[Sequence[th.Tensor]], list[th.Tensor]]
+
+
+def distribution_statistics(distribution: Distribution) -> list[th.Tensor] | None:
+    """
+    The tensors that fully determine an SB3 distribution and for which the Fisher metric is known in closed form.
+
+    Gaussian-based distributions (``DiagGaussian``, gSDE, squashed variants; the tanh bijection leaves the KL
+    unchanged) are described by their mean and standard deviation, categorical-like ones by their logits.
+
+    :param distribution: An SB3 distribution after ``proba_distribution``
+    :return: The statistics, or ``None`` when no analytic Fisher metric is available
+    """
+    if isinstance(distribution, MultiCategoricalDistribution):
+        return [d.logits for d in distribution.distribution]
+    if isinstance(distribution, (CategoricalDistribution, BernoulliDistribution)):
+        return [distribution.distribution.logits]
+    inner = getattr(distribution, "distribution", None)
+    if type(inner) is th.distributions.Normal:
+        return [inner.mean, inner.stddev]
+    return None
+
+
+def fisher_metric(distribution: Distribution, statistics: Sequence[th.Tensor]) -> Metric:
+    """
+    Closed-form Fisher metric for :func:`distribution_statistics`, averaged over the batch.
+
+    - Normal(mu, sigma), per dimension: ``diag(1 / sigma^2, 2 / sigma^2)``
+    - Categorical(logits): ``diag(p) - p p^T``, per categorical block
+    - Bernoulli(logits): ``p (1 - p)``, per dimension
+
+    :param distribution: The distribution the statistics came from (selects the formula)
+    :param statistics: Detached statistics at the old parameters
+    :return: Function mapping statistic tangents to ``M @ tangent / batch_size``
+    """
+    batch_size = statistics[0].shape[0]
+    if isinstance(distribution, (CategoricalDistribution, MultiCategoricalDistribution)):
+        probs = [th.softmax(logits, dim=-1) for logits in statistics]
+
+        def categorical_metric(tangents: Sequence[th.Tensor]) -> list[th.Tensor]:
+            return [p * (u - (p * u).sum(dim=-1, keepdim=True)) / batch_size for p, u in zip(probs, tangents, strict=True)]
+
+        return categorical_metric
+    if isinstance(distribution, BernoulliDistribution):
+        p = th.sigmoid(statistics[0])
+        weight = p * (1 - p) / batch_size
+        return lambda tangents: [weight * tangents[0]]
+    inv_var = statistics[1].pow(-2) / batch_size
+    return lambda tangents: [inv_var * tangents[0], 2 * inv_var * tangents[1]]
+
+
+class _Closure(nn.Module):
+    """Makes an arbitrary function of a module callable through ``torch.func.functional_call``."""
+
+    def __init__(self, module: nn.Module, fn: Callable[[], list[th.Tensor]]):
+        super().__init__()
+        self.module = module
+        self.fn = fn
+
+    def forward(self) -> list[th.Tensor]:
+        return self.fn()
+
+
+def analytic_fisher_vector_product(
+    module: nn.Module,
+    params: Sequence[nn.Parameter],
+    distribution_fn: Callable[[], Distribution],
+) -> Callable[[th.Tensor], th.Tensor] | None:
+    """
+    Build ``v -> F v`` as ``J^T M J v`` where ``J`` is the Jacobian of the distribution statistics w.r.t.
+    ``params`` and ``M`` the closed-form Fisher metric. ``J v`` is one forward-mode pass, ``J^T w`` one
+    backward pass through a graph kept across calls: the KL gradient is never differentiated.
+
+    :param module: Module owning ``params`` (their values are swapped in for forward-mode differentiation)
+    :param params: Parameters to differentiate with respect to
+    :param distribution_fn: Evaluates the action distribution on the Fisher batch with ``module``'s parameters
+    :return: The product function, or ``None`` if the distribution has no analytic metric
+    """
+    distribution = distribution_fn()
+    statistics = distribution_statistics(distribution)
+    if statistics is None:
+        return None
+    metric = fisher_metric(distribution, [s.detach() for s in statistics])
+
+    names_by_id = {id(p): name for name, p in module.named_parameters()}
+    names = ["module." + names_by_id[id(p)] for p in params]
+    closure = _Closure(module, lambda: distribution_statistics(distribution_fn()))  # type: ignore[arg-type, return-value]
+    primals = tuple(p.detach() for p in params)
+
+    def statistics_of(*values: th.Tensor) -> list[th.Tensor]:
+        return th.func.functional_call(closure, dict(zip(names, values, strict=True)), (), strict=False)
+
+    def fisher_vector_product(vector: th.Tensor) -> th.Tensor:
+        tangents = tuple(unflatten_like(vector, params))
+        _, jacobian_vector = th.func.jvp(statistics_of, primals, tangents)
+        weighted = metric(jacobian_vector)
+        grads = th.autograd.grad(statistics, params, weighted, retain_graph=True, allow_unused=True)
+        return th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params, strict=True)])
+
+    return fisher_vector_product
+
+
+def kl_hessian_vector_product(
+    params: Sequence[nn.Parameter],
+    distribution_fn: Callable[[], Distribution],
+) -> Callable[[th.Tensor], th.Tensor]:
+    """
+    Build ``v -> H v`` with ``H`` the Hessian of the mean joint KL(old||new) at the current parameters, by double
+    backpropagation. Works for any distribution SB3's ``kl_divergence`` supports; the generic fallback.
+
+    :param params: Parameters to differentiate with respect to
+    :param distribution_fn: Evaluates the action distribution on the Fisher batch
+    :return: The product function
+    """
+    with th.no_grad():
+        old = detached_copy(distribution_fn())
+    kl = joint_kl(old, distribution_fn()).mean()
+    grads = th.autograd.grad(kl, params, create_graph=True, allow_unused=True)
+    kl_grad = th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params, strict=True)])
+
+    def hessian_vector_product(vector: th.Tensor) -> th.Tensor:
+        return flat_grad(th.dot(kl_grad, vector), params, retain_graph=True)
+
+    return hessian_vector_product
+
+
+def fisher_vector_product(
+    module: nn.Module,
+    params: Sequence[nn.Parameter],
+    distribution_fn: Callable[[], Distribution],
+    damping: float = 0.0,
+) -> Callable[[th.Tensor], th.Tensor]:
+    """
+    ``v -> (F + damping I) v``: analytic where the distribution allows it, double backpropagation otherwise.
+
+    :param module: Module owning ``params``
+    :param params: Actor parameters
+    :param distribution_fn: Evaluates the action distribution on the Fisher batch
+    :param damping: Tikhonov damping added to the Fisher
+    :return: The (damped) product function
+    """
+    product = analytic_fisher_vector_product(module, params, distribution_fn)
+    if product is None:
+        product = kl_hessian_vector_product(params, distribution_fn)
+    if damping == 0.0:
+        return product
+    return lambda vector: product(vector) + damping * vector
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Line search
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LineSearchResult:
+    """Outcome of :func:`backtracking_line_search`."""
+
+    success: bool
+    n_backtracks: int
+    step_fraction: float
+    improvement: float
+    kl: float
+
+
+def backtracking_line_search(
+    params: Sequence[nn.Parameter],
+    full_step: th.Tensor,
+    expected_improvement: float,
+    evaluate: Callable[[], tuple[float, float]],
+    max_kl: float,
+    shrinking_factor: float,
+    max_iter: int,
+    accept_ratio: float,
+) -> LineSearchResult:
+    """
+    Try ``theta_old + shrinking_factor^i * full_step`` for ``i = 0 .. max_iter - 1`` and keep the first candidate
+    whose objective is finite, whose improvement is at least ``accept_ratio`` times the first-order prediction
+    (``shrinking_factor^i * expected_improvement``) and whose KL is at most ``max_kl``.
+    If none qualifies, the old parameters are written back exactly.
+
+    :param params: Parameters to move (left at the accepted candidate, or bit-identical to the start)
+    :param full_step: Flat step at fraction 1
+    :param expected_improvement: ``g^T full_step``
+    :param evaluate: Returns ``(objective improvement, KL(old||new))`` at the parameters' current values
+    :param max_kl: Trust-region radius
+    :param shrinking_factor: Step fraction multiplier per backtrack, in (0, 1)
+    :param max_iter: Number of candidates tried
+    :param accept_ratio: Fraction of the predicted improvement required, in [0, 1)
+    :return: What was accepted, or ``success=False``
+    """
+    old = flat_concat(params)
+    fraction = 1.0
+    for i in range(max_iter):
+        set_flat_params(params, old + fraction * full_step)
+        improvement, kl = evaluate()
+        if (
+            math.isfinite(improvement)
+            and math.isfinite(kl)
+            and kl <= max_kl
+            and improvement > 0
+            and improvement >= accept_ratio * fraction * expected_improvement
+        ):
+            return LineSearchResult(True, i, fraction, improvement, kl)
+        fraction *= shrinking_factor
+    set_flat_params(params, old)
+    return LineSearchResult(False, max_iter, 0.0, 0.0, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrustRegionConfig:
+    """Hyperparameters of one trust-region step (see ``TRPO`` for their meaning)."""
+
+    target_kl: float
+    cg_max_steps: int
+    cg_damping: float
+    cg_residual_tol: float
+    line_search_shrinking_factor: float
+    line_search_max_iter: int
+    line_search_accept_ratio: float
+
+
+@dataclass
+class TrustRegionStats:
+    """What happened during one trust-region step, for logging."""
+
+    objective: float
+    improvement: float = 0.0
+    kl: float = 0.0
+    success: bool = False
+    n_backtracks: int = 0
+    cg_steps: int = 0
+    cg_residual: float = float("nan")
+    step_size: float = 0.0
+    fault: str | None = None
+
+
+def trust_region_update(
+    module: nn.Module,
+    params: Sequence[nn.Parameter],
+    objective_fn: Callable[[Distribution], th.Tensor],
+    distribution_fn: Callable[[], Distribution],
+    fisher_distribution_fn: Callable[[], Distribution],
+    config: TrustRegionConfig,
+) -> TrustRegionStats:
+    """
+    One natural-gradient step with a KL trust region. Numerical faults skip the step and leave ``params``
+    bit-identical; ``TrustRegionStats.fault`` then says why.
+
+    :param module: Module owning ``params``
+    :param params: Actor parameters (everything that influences the action distribution)
+    :param objective_fn: Surrogate objective to maximise, given the distribution on the policy batch
+    :param distribution_fn: Action distribution on the policy batch at the current parameters
+    :param fisher_distribution_fn: Action distribution on the (possibly subsampled) Fisher batch
+    :param config: Step hyperparameters
+    :return: Statistics of the step
+    """
+    with th.no_grad():
+        old_distribution = detached_copy(distribution_fn())
+    objective = objective_fn(distribution_fn())
+    old_objective = objective.item()
+    stats = TrustRegionStats(objective=old_objective)
+    if not math.isfinite(old_objective):
+        stats.fault = "non-finite surrogate objective"
+        return stats
+    gradient = flat_grad(objective, params)
+    if not th.isfinite(gradient).all():
+        stats.fault = "non-finite policy gradient"
+        return stats
+
+    fvp = fisher_vector_product(module, params, fisher_distribution_fn, config.cg_damping)
+    cg = conjugate_gradient(fvp, gradient, config.cg_max_steps, config.cg_residual_tol)
+    stats.cg_steps, stats.cg_residual = cg.n_steps, cg.relative_residual
+    direction = cg.x
+    if not th.isfinite(direction).all():
+        stats.fault = "non-finite search direction"
+        return stats
+    curvature = th.dot(direction, fvp(direction)).item()
+    if not (math.isfinite(curvature) and curvature > 0.0):
+        stats.fault = f"non-positive or non-finite s^T F s ({curvature:.3g})"
+        return stats
+
+    full_step = math.sqrt(2.0 * config.target_kl / curvature) * direction
+    expected_improvement = th.dot(gradient, full_step).item()
+
+    def evaluate() -> tuple[float, float]:
+        with th.no_grad():
+            distribution = distribution_fn()
+            return objective_fn(distribution).item() - old_objective, joint_kl(old_distribution, distribution).mean().item()
+
+    result = backtracking_line_search(
+        params,
+        full_step,
+        expected_improvement,
+        evaluate,
+        max_kl=config.target_kl,
+        shrinking_factor=config.line_search_shrinking_factor,
+        max_iter=config.line_search_max_iter,
+        accept_ratio=config.line_search_accept_ratio,
+    )
+    stats.success, stats.n_backtracks = result.success, result.n_backtracks
+    if result.success:
+        stats.objective = old_objective + result.improvement
+        stats.improvement, stats.kl = result.improvement, result.kl
+        stats.step_size = result.step_fraction * full_step.norm().item()
+    return stats

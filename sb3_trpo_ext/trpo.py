@@ -1,0 +1,400 @@
+"""Trust Region Policy Optimization for Stable-Baselines3."""
+
+import warnings
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.policies import (
+    ActorCriticCnnPolicy,
+    ActorCriticPolicy,
+    BasePolicy,
+    MultiInputActorCriticPolicy,
+)
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
+from stable_baselines3.common.utils import explained_variance
+from torch import nn
+from torch.nn import functional as F
+
+from sb3_trpo_ext.common.trust_region import (
+    TrustRegionConfig,
+    TrustRegionStats,
+    distribution_statistics,
+    trust_region_update,
+)
+from sb3_trpo_ext.common.validation import check_bool, check_float, check_int, check_schedule
+
+SelfTRPO = TypeVar("SelfTRPO", bound="TRPO")
+
+SUPPORTED_ACTION_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+
+
+def subsample(observations: PyTorchObs, step: int) -> PyTorchObs:
+    """
+    Every ``step``-th sample of a batch of (possibly dict) observations.
+
+    :param observations: Batch of observations
+    :param step: Stride
+    :return: The strided batch (a view)
+    """
+    if isinstance(observations, dict):
+        return {key: value[::step] for key, value in observations.items()}
+    return observations[::step]
+
+
+def split_actor_critic(module: nn.Module, distribution: Distribution) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """
+    Split trainable parameters by the autograd graph: the actor is whatever ``distribution`` depends on.
+
+    This needs no naming convention, so custom policies, shared features extractors (which then belong to the
+    actor: moving them moves the action distribution) and renamed modules are all handled.
+
+    :param module: Policy owning the parameters
+    :param distribution: Action distribution computed by ``module`` with gradients enabled
+    :return: ``(actor parameters, critic parameters)`` in ``module.parameters()`` order
+    """
+    outputs = distribution_statistics(distribution)
+    if outputs is None:
+        outputs = [distribution.log_prob(distribution.get_actions().detach())]
+    params = [p for p in module.parameters() if p.requires_grad]
+    grads = th.autograd.grad(sum(o.sum() for o in outputs), params, allow_unused=True)  # type: ignore[arg-type]
+    actor = [p for p, g in zip(params, grads, strict=True) if g is not None]
+    critic = [p for p, g in zip(params, grads, strict=True) if g is None]
+    return actor, critic
+
+
+class TRPO(OnPolicyAlgorithm):
+    """
+    Trust Region Policy Optimization (TRPO) with an exact, analytic Fisher-vector product.
+
+    Paper: https://arxiv.org/abs/1502.05477 (Schulman et al., 2015)
+
+    Each update maximises the surrogate ``mean(ratio * advantage) + ent_coef * entropy`` subject to
+    ``mean_s KL(pi_old(.|s) || pi_new(.|s)) <= target_kl``, where the KL is that of the *joint* action
+    distribution (summed over action dimensions), as in the paper and PPO's ``target_kl``. The natural gradient
+    direction comes from conjugate gradient on the damped Fisher, the step is scaled to the trust-region
+    boundary and shrunk by a backtracking line search. The critic is then regressed on the returns; it never
+    moves a parameter that influences the action distribution, so the KL bound holds after the whole update.
+
+    :param policy: The policy model to use (MlpPolicy, CnnPolicy, MultiInputPolicy or an ``ActorCriticPolicy``
+        subclass)
+    :param env: The environment to learn from (if registered in Gym, can be str)
+    :param learning_rate: Learning rate of the critic's optimizer, a float or a schedule of the remaining progress
+        (from 1 to 0). The actor is moved by the trust-region step, not by this learning rate.
+    :param n_steps: Number of steps to run for each environment per update (the batch is ``n_steps * n_envs``)
+    :param batch_size: Minibatch size of the critic regression
+    :param gamma: Discount factor
+    :param cg_max_steps: Maximum number of conjugate gradient iterations (Fisher-vector products) per update
+    :param cg_damping: Damping ``lambda`` added to the Fisher: conjugate gradient solves ``(F + lambda I) x = g``
+    :param line_search_shrinking_factor: Step-fraction multiplier per backtracking iteration, in (0, 1)
+    :param line_search_max_iter: Maximum number of candidate steps tried by the line search
+    :param n_critic_updates: Number of epochs of critic minibatch updates per policy update
+    :param gae_lambda: Bias/variance trade-off of the Generalized Advantage Estimator
+    :param use_sde: Whether to use generalized State Dependent Exploration (gSDE)
+    :param sde_sample_freq: Sample a new gSDE noise matrix every n steps (-1: only at the start of each rollout)
+    :param rollout_buffer_class: Rollout buffer class to use. If ``None``, it is selected from the observation space.
+    :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
+    :param normalize_advantage: Whether to normalize the advantages of each batch
+    :param target_kl: Trust-region radius: bound on the mean joint KL(old || new) of an accepted step
+    :param sub_sampling_factor: Use every n-th sample of the batch for the whole policy step (gradient, Fisher and
+        line search), as ``sb3_contrib.TRPO`` does; the critic always uses the full batch
+    :param ent_coef: Entropy bonus coefficient of the surrogate objective
+    :param fisher_sub_sampling_factor: Use every n-th sample of the policy batch for the Fisher-vector products
+        only (the gradient and the line search keep the full batch), e.g. 5 as in OpenAI Baselines
+    :param cg_residual_tol: Stop conjugate gradient once ``||g - A x|| <= cg_residual_tol * ||g||``
+    :param line_search_accept_ratio: Accept a candidate step only if its surrogate improvement is at least this
+        fraction of the first-order prediction ``g^T step``, in [0, 1)
+    :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
+        the reported success rate, mean episode length, and mean reward over
+    :param tensorboard_log: the log location for tensorboard (if None, no logging)
+    :param policy_kwargs: additional arguments to be passed to the policy on creation
+    :param verbose: Verbosity level: 0 for no output, 1 for info messages, 2 for debug messages
+    :param seed: Seed for the pseudo random generators
+    :param device: Device (cpu, cuda, ...) on which the code should be run.
+        Setting it to auto, the code will be run on the GPU if possible.
+    :param _init_setup_model: Whether or not to build the network at the creation of the instance
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpPolicy": ActorCriticPolicy,
+        "CnnPolicy": ActorCriticCnnPolicy,
+        "MultiInputPolicy": MultiInputActorCriticPolicy,
+    }
+    policy: ActorCriticPolicy
+
+    def __init__(
+        self,
+        policy: str | type[ActorCriticPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 1e-3,
+        n_steps: int = 2048,
+        batch_size: int = 128,
+        gamma: float = 0.99,
+        cg_max_steps: int = 15,
+        cg_damping: float = 0.1,
+        line_search_shrinking_factor: float = 0.8,
+        line_search_max_iter: int = 10,
+        n_critic_updates: int = 10,
+        gae_lambda: float = 0.95,
+        use_sde: bool = False,
+        sde_sample_freq: int = -1,
+        rollout_buffer_class: type[RolloutBuffer] | None = None,
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        normalize_advantage: bool = True,
+        target_kl: float = 0.01,
+        sub_sampling_factor: int = 1,
+        ent_coef: float = 0.0,
+        fisher_sub_sampling_factor: int = 1,
+        cg_residual_tol: float = 1e-10,
+        line_search_accept_ratio: float = 0.1,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ):
+        if isinstance(policy, type) and not issubclass(policy, ActorCriticPolicy):
+            raise TypeError(f"`policy` must be an ActorCriticPolicy subclass or one of {list(self.policy_aliases)}")
+        check_schedule("learning_rate", learning_rate)
+        check_int("n_steps", n_steps, low=1)
+        check_int("batch_size", batch_size, low=1)
+        check_float("gamma", gamma, 0.0, 1.0)
+        check_int("cg_max_steps", cg_max_steps, low=1)
+        check_float("cg_damping", cg_damping, low=0.0)
+        check_float("line_search_shrinking_factor", line_search_shrinking_factor, 0.0, 1.0, low_open=True, high_open=True)
+        check_int("line_search_max_iter", line_search_max_iter, low=1)
+        check_int("n_critic_updates", n_critic_updates, low=0)
+        check_float("gae_lambda", gae_lambda, 0.0, 1.0)
+        check_bool("use_sde", use_sde)
+        check_int("sde_sample_freq", sde_sample_freq, low=-1)
+        check_bool("normalize_advantage", normalize_advantage)
+        check_float("target_kl", target_kl, low=0.0, low_open=True)
+        check_int("sub_sampling_factor", sub_sampling_factor, low=1)
+        check_float("ent_coef", ent_coef, low=0.0)
+        check_int("fisher_sub_sampling_factor", fisher_sub_sampling_factor, low=1)
+        check_float("cg_residual_tol", cg_residual_tol, low=0.0)
+        check_float("line_search_accept_ratio", line_search_accept_ratio, 0.0, 1.0, high_open=True)
+        check_int("stats_window_size", stats_window_size, low=1)
+        check_int("verbose", verbose, low=0, high=2)
+        if policy_kwargs is not None and not isinstance(policy_kwargs, dict):
+            raise TypeError(f"`policy_kwargs` must be a dict or None, got {type(policy_kwargs).__name__}")
+        if rollout_buffer_kwargs is not None and not isinstance(rollout_buffer_kwargs, dict):
+            raise TypeError(f"`rollout_buffer_kwargs` must be a dict or None, got {type(rollout_buffer_kwargs).__name__}")
+
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            ent_coef=ent_coef,
+            vf_coef=0.0,  # the critic has its own regression, not a weighted term of one loss
+            max_grad_norm=0.0,  # the trust region bounds the actor step; no gradient clipping
+            use_sde=use_sde,
+            sde_sample_freq=sde_sample_freq,
+            rollout_buffer_class=rollout_buffer_class,
+            rollout_buffer_kwargs=rollout_buffer_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            _init_setup_model=False,
+        )
+        if self.env is not None:
+            if not isinstance(self.action_space, SUPPORTED_ACTION_SPACES):
+                raise TypeError(
+                    f"TRPO does not support the action space {self.action_space}: the env's action space must be one "
+                    f"of {', '.join(s.__name__ for s in SUPPORTED_ACTION_SPACES)}"
+                )
+            buffer_size = self.n_envs * n_steps
+            if normalize_advantage and buffer_size <= 1:
+                raise ValueError(
+                    f"`n_steps * n_envs` must be > 1 when `normalize_advantage=True` (the advantage std is undefined "
+                    f"for one sample), got n_steps={n_steps} and n_envs={self.n_envs}"
+                )
+            if buffer_size % batch_size > 0:
+                warnings.warn(
+                    f"The critic minibatch size `batch_size={batch_size}` does not divide the rollout size "
+                    f"`n_steps * n_envs = {buffer_size}`: every epoch ends with a truncated minibatch of "
+                    f"{buffer_size % batch_size} samples.",
+                    stacklevel=2,
+                )
+
+        self.batch_size = batch_size
+        self.cg_max_steps = cg_max_steps
+        self.cg_damping = cg_damping
+        self.cg_residual_tol = cg_residual_tol
+        self.line_search_shrinking_factor = line_search_shrinking_factor
+        self.line_search_max_iter = line_search_max_iter
+        self.line_search_accept_ratio = line_search_accept_ratio
+        self.n_critic_updates = n_critic_updates
+        self.normalize_advantage = normalize_advantage
+        self.target_kl = target_kl
+        self.sub_sampling_factor = sub_sampling_factor
+        self.fisher_sub_sampling_factor = fisher_sub_sampling_factor
+
+        if _init_setup_model:
+            self._setup_model()
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        self._actor_params, self._critic_params = split_actor_critic(self.policy, self._probe_distribution())
+        if not self._actor_params:
+            raise ValueError("The policy's action distribution depends on no trainable parameter")
+        if not self._critic_params:
+            raise ValueError("The policy has no trainable critic parameter that leaves the action distribution unchanged")
+        # The critic's optimizer must never see actor parameters: any move of theirs would break the KL bound.
+        self.policy.optimizer = self.policy.optimizer_class(
+            self._critic_params, lr=self.lr_schedule(1), **self.policy.optimizer_kwargs  # type: ignore[call-arg]
+        )
+
+    def _probe_distribution(self) -> Distribution:
+        """Action distribution on one sample observation, with gradients, used to find the actor parameters."""
+        training = self.policy.training
+        self.policy.set_training_mode(False)  # batch norm etc. cannot run in train mode on a single sample
+        try:
+            observation, _ = self.policy.obs_to_tensor(self.observation_space.sample())
+            return self.policy.get_distribution(observation)
+        finally:
+            self.policy.set_training_mode(training)
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_actor_params", "_critic_params"]
+
+    @property
+    def trust_region_config(self) -> TrustRegionConfig:
+        """The trust-region hyperparameters as currently set on the model."""
+        return TrustRegionConfig(
+            target_kl=self.target_kl,
+            cg_max_steps=self.cg_max_steps,
+            cg_damping=self.cg_damping,
+            cg_residual_tol=self.cg_residual_tol,
+            line_search_shrinking_factor=self.line_search_shrinking_factor,
+            line_search_max_iter=self.line_search_max_iter,
+            line_search_accept_ratio=self.line_search_accept_ratio,
+        )
+
+    def surrogate_objective(
+        self, actions: th.Tensor, old_log_prob: th.Tensor, advantages: th.Tensor
+    ) -> Callable[[Distribution], th.Tensor]:
+        """
+        The function maximised by the policy step: ``mean(ratio * A) + ent_coef * entropy``.
+
+        :param actions: Actions of the policy batch
+        :param old_log_prob: Their log-probabilities under the policy that collected them
+        :param advantages: Their (normalized) advantages
+        :return: Objective as a function of the new action distribution
+        """
+
+        def objective(distribution: Distribution) -> th.Tensor:
+            log_prob = distribution.log_prob(actions)
+            value = (th.exp(log_prob - old_log_prob) * advantages).mean()
+            if self.ent_coef > 0:
+                entropy = distribution.entropy()
+                value = value + self.ent_coef * (-log_prob.mean() if entropy is None else entropy.mean())
+            return value
+
+        return objective
+
+    def _policy_step(self) -> TrustRegionStats:
+        """Trust-region step of the actor on the collected rollout."""
+        rollout = next(self.rollout_buffer.get(batch_size=None))
+        step = self.sub_sampling_factor
+        observations = subsample(rollout.observations, step)
+        actions = rollout.actions[::step]
+        if isinstance(self.action_space, spaces.Discrete):
+            actions = actions.long().flatten()
+        advantages = rollout.advantages[::step]
+        if self.normalize_advantage and len(advantages) > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        fisher_observations = subsample(observations, self.fisher_sub_sampling_factor)
+
+        stats = trust_region_update(
+            self.policy,
+            self._actor_params,
+            self.surrogate_objective(actions, rollout.old_log_prob[::step], advantages),
+            distribution_fn=lambda: self.policy.get_distribution(observations),
+            fisher_distribution_fn=lambda: self.policy.get_distribution(fisher_observations),
+            config=self.trust_region_config,
+        )
+        with th.no_grad():
+            entropy = self.policy.get_distribution(observations).entropy()
+        self.logger.record("train/entropy_loss", float("nan") if entropy is None else -entropy.mean().item())
+        return stats
+
+    def _critic_step(self) -> float:
+        """
+        Regress the critic on the returns: ``n_critic_updates`` epochs of minibatch updates.
+
+        :return: Mean value loss
+        """
+        losses = []
+        # Shared parts of the network are forwarded but frozen: the critic's optimizer does not hold them.
+        for param in self._actor_params:
+            param.requires_grad_(False)
+        try:
+            for _ in range(self.n_critic_updates):
+                for batch in self.rollout_buffer.get(self.batch_size):
+                    values = self.policy.predict_values(batch.observations).flatten()
+                    loss = F.mse_loss(values, batch.returns)
+                    self.policy.optimizer.zero_grad()
+                    loss.backward()
+                    self.policy.optimizer.step()
+                    losses.append(loss.item())
+        finally:
+            for param in self._actor_params:
+                param.requires_grad_(True)
+        return sum(losses) / len(losses) if losses else float("nan")
+
+    def train(self) -> None:
+        """Update the actor with one trust-region step, then regress the critic."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+
+        stats = self._policy_step()
+        if stats.fault is not None:
+            warnings.warn(f"TRPO skipped the policy step, parameters unchanged: {stats.fault}", stacklevel=2)
+        value_loss = self._critic_step()
+        self._n_updates += 1
+
+        buffer = self.rollout_buffer
+        self.logger.record("train/policy_objective", stats.objective)
+        self.logger.record("train/kl_divergence", stats.kl)
+        self.logger.record("train/is_line_search_success", float(stats.success))
+        self.logger.record("train/line_search_backtracks", stats.n_backtracks)
+        self.logger.record("train/cg_steps", stats.cg_steps)
+        self.logger.record("train/cg_residual", stats.cg_residual)
+        self.logger.record("train/step_size", stats.step_size)
+        self.logger.record("train/numerical_fault", float(stats.fault is not None))
+        self.logger.record("train/value_loss", value_loss)
+        self.logger.record("train/explained_variance", explained_variance(buffer.values.flatten(), buffer.returns.flatten()))
+        if hasattr(self.policy, "log_std"):
+            self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+
+    def learn(
+        self: SelfTRPO,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "TRPO",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfTRPO:
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )

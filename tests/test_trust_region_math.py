@@ -1,0 +1,172 @@
+"""The pure pieces of the trust-region step: Fisher-vector products, conjugate gradient, line search, flat helpers."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.envs import IdentityEnv
+
+from sb3_trpo_ext import TRPO
+from sb3_trpo_ext.common import trust_region
+from sb3_trpo_ext.common.trust_region import (
+    analytic_fisher_vector_product,
+    backtracking_line_search,
+    conjugate_gradient,
+    detached_copy,
+    fisher_vector_product,
+    flat_concat,
+    set_flat_params,
+    unflatten_like,
+)
+
+ACTION_SPACES = {
+    "DiagGaussian": (spaces.Box(-1, 1, (3,), np.float32), {}),
+    "gSDE": (spaces.Box(-1, 1, (3,), np.float32), {"use_sde": True}),
+    "gSDE-squashed-learn-features": (
+        spaces.Box(-1, 1, (2,), np.float32),
+        {"use_sde": True, "policy_kwargs": {"squash_output": True, "use_expln": True, "full_std": False}},
+    ),
+    "Categorical": (spaces.Discrete(5), {}),
+    "MultiCategorical": (spaces.MultiDiscrete([3, 4, 2]), {}),
+    "Bernoulli": (spaces.MultiBinary(4), {}),
+}
+
+
+def make_float64_policy(space, kwargs, seed=0):
+    kwargs = dict(kwargs)
+    policy_kwargs = {"net_arch": [16, 16], **kwargs.pop("policy_kwargs", {})}
+    if kwargs.get("use_sde"):
+        policy_kwargs.setdefault("log_std_init", -0.5)
+    observation_space = spaces.Box(-1, 1, (4,), np.float32)
+    env = IdentityEnv(space=space)
+    env.observation_space = observation_space
+    model = TRPO("MlpPolicy", env, n_steps=8, batch_size=8, policy_kwargs=policy_kwargs, seed=seed, **kwargs)
+    policy = model.policy.double()
+    observation_space.seed(seed)
+    observations = th.as_tensor(np.stack([observation_space.sample() for _ in range(64)]), dtype=th.float64)
+    return model, policy, observations
+
+
+def reference_kl_hessian_vector_product(policy, params, observations, vector):
+    """H v with H the Hessian of mean_s sum_dims KL(old || new), written independently of the package."""
+    with th.no_grad():
+        old = detached_copy(policy.get_distribution(observations))
+    new = policy.get_distribution(observations)
+    from stable_baselines3.common.distributions import kl_divergence
+
+    kl = kl_divergence(old, new)
+    kl = (kl.sum(dim=-1) if kl.dim() > 1 else kl).mean()
+    grads = th.autograd.grad(kl, params, create_graph=True)
+    grad_dot_v = sum((g * v).sum() for g, v in zip(grads, unflatten_like(vector, params)))
+    return th.cat([h.reshape(-1) for h in th.autograd.grad(grad_dot_v, params)])
+
+
+@pytest.mark.parametrize("kind", list(ACTION_SPACES))
+def test_analytic_fisher_vector_product_equals_kl_hessian(kind, float64_policies):
+    space, kwargs = ACTION_SPACES[kind]
+    model, policy, observations = make_float64_policy(space, kwargs)
+    params = model._actor_params
+    product = analytic_fisher_vector_product(policy, params, lambda: policy.get_distribution(observations))
+    assert product is not None, f"{kind} must use the analytic Fisher-vector product"
+    generator = th.Generator().manual_seed(1)
+    n_params = sum(p.numel() for p in params)
+    for _ in range(3):
+        vector = th.randn(n_params, generator=generator, dtype=th.float64)
+        expected = reference_kl_hessian_vector_product(policy, params, observations, vector)
+        actual = product(vector)
+        assert expected.norm() > 1e-6
+        assert ((actual - expected).norm() / expected.norm()).item() <= 1e-8
+
+
+def test_fisher_vector_product_falls_back_to_double_backprop(monkeypatch, float64_policies):
+    space, kwargs = ACTION_SPACES["DiagGaussian"]
+    model, policy, observations = make_float64_policy(space, kwargs)
+    params = model._actor_params
+    vector = th.randn(sum(p.numel() for p in params), dtype=th.float64, generator=th.Generator().manual_seed(2))
+    analytic = fisher_vector_product(policy, params, lambda: policy.get_distribution(observations), damping=0.1)(vector)
+    monkeypatch.setattr(trust_region, "distribution_statistics", lambda distribution: None)
+    assert analytic_fisher_vector_product(policy, params, lambda: policy.get_distribution(observations)) is None
+    fallback = fisher_vector_product(policy, params, lambda: policy.get_distribution(observations), damping=0.1)(vector)
+    assert ((analytic - fallback).norm() / fallback.norm()).item() <= 1e-8
+
+
+def test_conjugate_gradient_solves_spd_system():
+    generator = th.Generator().manual_seed(0)
+    basis = th.randn(40, 40, generator=generator, dtype=th.float64)
+    matrix = basis @ basis.T + 0.1 * th.eye(40, dtype=th.float64)
+    b = th.randn(40, generator=generator, dtype=th.float64)
+    result = conjugate_gradient(lambda v: matrix @ v, b, max_steps=200, residual_tol=1e-12)
+    assert result.relative_residual <= 1e-12
+    assert ((matrix @ result.x - b).norm() / b.norm()).item() <= 1e-10
+    assert th.allclose(result.x, th.linalg.solve(matrix, b), rtol=1e-8, atol=1e-10)
+
+
+def test_conjugate_gradient_stops_on_residual_tolerance_and_reports_it():
+    matrix = th.diag(th.tensor([1.0, 2.0, 3.0, 4.0], dtype=th.float64))
+    b = th.ones(4, dtype=th.float64)
+    # Four distinct eigenvalues: exact after four steps, so a loose tolerance must stop earlier.
+    loose = conjugate_gradient(lambda v: matrix @ v, b, max_steps=50, residual_tol=0.5)
+    assert loose.n_steps < 4 and loose.relative_residual <= 0.5
+    exact = conjugate_gradient(lambda v: matrix @ v, b, max_steps=50, residual_tol=1e-12)
+    assert exact.n_steps == 4
+    capped = conjugate_gradient(lambda v: matrix @ v, b, max_steps=2, residual_tol=0.0)
+    assert capped.n_steps == 2 and capped.relative_residual > 1e-3
+
+
+def test_conjugate_gradient_solves_damped_fisher_system(float64_policies):
+    space, kwargs = ACTION_SPACES["Categorical"]
+    model, policy, observations = make_float64_policy(space, kwargs)
+    params = model._actor_params
+    product = fisher_vector_product(policy, params, lambda: policy.get_distribution(observations), damping=0.1)
+    g = th.randn(sum(p.numel() for p in params), dtype=th.float64, generator=th.Generator().manual_seed(3))
+    result = conjugate_gradient(product, g, max_steps=500, residual_tol=1e-10)
+    assert ((product(result.x) - g).norm() / g.norm()).item() <= 1e-9
+
+
+def test_flat_helpers_round_trip():
+    params = [th.nn.Parameter(th.randn(3, 2)), th.nn.Parameter(th.randn(5))]
+    storages = [p.data_ptr() for p in params]
+    vector = th.arange(11, dtype=th.float32)
+    set_flat_params(params, vector)
+    assert th.equal(flat_concat(params), vector)
+    assert [p.data_ptr() for p in params] == storages, "parameters must be written in place"
+    assert [t.shape for t in unflatten_like(vector, params)] == [th.Size([3, 2]), th.Size([5])]
+
+
+def test_failed_line_search_restores_bit_identical_parameters():
+    params = [th.nn.Parameter(th.randn(4, 3) * 1e-3), th.nn.Parameter(th.randn(2) * 1e7)]
+    before = [p.detach().clone() for p in params]
+    step = th.full((14,), 0.1234567)
+    # Never an improvement: every candidate is rejected.
+    result = backtracking_line_search(params, step, 1.0, lambda: (-1.0, 0.0), 0.01, 0.5, 6, 0.1)
+    assert not result.success and result.n_backtracks == 6
+    assert all(th.equal(p, b) for p, b in zip(params, before))
+
+
+def test_line_search_rejects_non_finite_kl_and_insufficient_improvement():
+    params = [th.nn.Parameter(th.zeros(2))]
+    step = th.ones(2)
+    outcomes = iter([(float("nan"), 0.0), (1.0, float("inf")), (1.0, 0.5), (0.01, 0.0), (0.3, 0.001)])
+    result = backtracking_line_search(params, step, 1.0, lambda: next(outcomes), 0.01, 0.5, 5, 0.5)
+    # Candidate 3 (index 3) has improvement 0.01 < 0.5 * 0.125; candidate 4 qualifies: 0.3 >= 0.5 * 0.0625.
+    assert result.success and result.n_backtracks == 4
+    assert th.allclose(params[0].detach(), th.full((2,), 0.0625))
+
+
+def test_joint_kl_sums_action_dimensions():
+    from sb3_trpo_ext.common.trust_region import joint_kl
+    from stable_baselines3.common.distributions import DiagGaussianDistribution
+
+    old = DiagGaussianDistribution(3).proba_distribution(th.zeros(2, 3), th.zeros(3))
+    old = detached_copy(old)
+    new = DiagGaussianDistribution(3).proba_distribution(th.ones(2, 3), th.zeros(3))
+    # KL(N(0,1) || N(1,1)) = 1/2 per dimension, 3/2 jointly.
+    assert th.allclose(trust_region.joint_kl(old, new), th.full((2,), 1.5))
+    assert joint_kl is trust_region.joint_kl
+
+
+def test_make_float64_policy_helper_is_float64(float64_policies):
+    _, policy, observations = make_float64_policy(*ACTION_SPACES["DiagGaussian"])
+    assert policy.get_distribution(observations).distribution.mean.dtype == th.float64
+    assert isinstance(gym.spaces.Box(-1, 1), spaces.Box)
