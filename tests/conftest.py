@@ -1,5 +1,6 @@
 import pytest
 import torch as th
+from stable_baselines3.common.logger import KVWriter
 
 # Two threads on two shared cores were several times slower than one under load (developers' brief).
 th.set_num_threads(1)
@@ -17,3 +18,24 @@ def float64_policies(monkeypatch):
         return preprocessed.double() if obs.dtype == th.float64 else preprocessed
 
     monkeypatch.setattr(sb3_policies, "preprocess_obs", preprocess_obs_float64)
+
+
+class RecordingWriter(KVWriter):
+    """SB3 logger output that keeps every dumped row in memory."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def write(self, key_values, key_excluded, step=0):
+        self.rows.append(dict(key_values))
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def recording_logger():
+    from stable_baselines3.common.logger import Logger
+
+    writer = RecordingWriter()
+    return Logger(folder=None, output_formats=[writer]), writer
