@@ -170,3 +170,34 @@ def test_make_float64_policy_helper_is_float64(float64_policies):
     _, policy, observations = make_float64_policy(*ACTION_SPACES["DiagGaussian"])
     assert policy.get_distribution(observations).distribution.mean.dtype == th.float64
     assert isinstance(gym.spaces.Box(-1, 1), spaces.Box)
+
+
+def test_fisher_vector_product_keeps_parameter_objects_of_shared_and_tied_modules(float64_policies):
+    from stable_baselines3.common.envs import FakeImageEnv
+
+    model = TRPO("CnnPolicy", FakeImageEnv(screen_height=36, screen_width=36), n_steps=8, batch_size=8)
+    policy = model.policy
+    assert policy.pi_features_extractor is policy.features_extractor  # one module under several names
+    before = {name: p for name, p in policy.named_parameters(remove_duplicate=False)}
+    observations = th.as_tensor(np.stack([policy.observation_space.sample() for _ in range(4)]))
+    product = analytic_fisher_vector_product(policy, model._actor_params, lambda: policy.get_distribution(observations))
+    product(th.ones(sum(p.numel() for p in model._actor_params)))
+    after = dict(policy.named_parameters(remove_duplicate=False))
+    assert all(after[name] is param for name, param in before.items())
+
+
+def test_analytic_fisher_vector_product_handles_parameters_tied_across_modules(float64_policies):
+    from sb3_trpo_ext.trpo import split_actor_critic
+
+    space, kwargs = ACTION_SPACES["Categorical"]
+    model, policy, observations = make_float64_policy(space, kwargs)
+    first, second = th.nn.Linear(16, 16), th.nn.Linear(16, 16)
+    second.weight = first.weight  # one Parameter in two distinct modules, both on the actor's path
+    layers = [*policy.mlp_extractor.policy_net, first, th.nn.Tanh(), second, th.nn.Tanh()]
+    policy.mlp_extractor.policy_net = th.nn.Sequential(*layers).double()
+    params, _ = split_actor_critic(policy, policy.get_distribution(observations))
+    assert sum(p is first.weight for p in params) == 1
+    product = analytic_fisher_vector_product(policy, params, lambda: policy.get_distribution(observations))
+    vector = th.randn(sum(p.numel() for p in params), dtype=th.float64, generator=th.Generator().manual_seed(4))
+    expected = reference_kl_hessian_vector_product(policy, params, observations, vector)
+    assert ((product(vector) - expected).norm() / expected.norm()).item() <= 1e-8

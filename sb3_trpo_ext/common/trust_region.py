@@ -250,13 +250,21 @@ def analytic_fisher_vector_product(
         return None
     metric = fisher_metric(distribution, [s.detach() for s in statistics])
 
-    names_by_id = {id(p): name for name, p in module.named_parameters()}
-    names = ["module." + names_by_id[id(p)] for p in params]
+    # One name per (owning module, attribute) slot. A shared submodule reached under two paths must be
+    # substituted only once: torch 2.13's functional_call swaps each name in turn and, for two names of one
+    # slot, restores the substitute instead of the parameter. Tied parameters in distinct modules are distinct
+    # slots and each get the substitute.
+    slots: dict[int, list[str]] = {}
+    for prefix, owner in module.named_modules():
+        for attribute, param in owner.named_parameters(recurse=False):
+            slots.setdefault(id(param), []).append(f"module.{prefix}.{attribute}" if prefix else f"module.{attribute}")
+    names = [slots[id(p)] for p in params]
     closure = _Closure(module, lambda: distribution_statistics(distribution_fn()))  # type: ignore[arg-type, return-value]
     primals = tuple(p.detach() for p in params)
 
     def statistics_of(*values: th.Tensor) -> list[th.Tensor]:
-        return th.func.functional_call(closure, dict(zip(names, values, strict=True)), (), strict=False)
+        substitutes = {alias: value for value, names_of in zip(values, names, strict=True) for alias in names_of}
+        return th.func.functional_call(closure, substitutes, (), tie_weights=False, strict=False)
 
     def fisher_vector_product(vector: th.Tensor) -> th.Tensor:
         tangents = tuple(unflatten_like(vector, params))
