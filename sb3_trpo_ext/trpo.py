@@ -254,7 +254,9 @@ class TRPO(OnPolicyAlgorithm):
             raise ValueError("The policy has no trainable critic parameter that leaves the action distribution unchanged")
         # The critic's optimizer must never see actor parameters: any move of theirs would break the KL bound.
         self.policy.optimizer = self.policy.optimizer_class(
-            self._critic_params, lr=self.lr_schedule(1), **self.policy.optimizer_kwargs  # type: ignore[call-arg]
+            self._critic_params,
+            lr=self.lr_schedule(1),
+            **self.policy.optimizer_kwargs,  # type: ignore[call-arg]
         )
 
     def _probe_distribution(self) -> Distribution:

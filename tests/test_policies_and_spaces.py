@@ -22,7 +22,7 @@ from tests.envs import TargetEnv
 def check_learns_and_predicts(model: TRPO, steps: int = 128) -> None:
     before = [p.detach().clone() for p in model._actor_params]
     model.learn(steps)
-    assert any(not th.equal(b, p) for b, p in zip(before, model._actor_params)), "the actor never moved"
+    assert any(not th.equal(b, p) for b, p in zip(before, model._actor_params, strict=False)), "the actor never moved"
     env = model.get_env()
     observation = env.reset()
     action, _ = model.predict(observation, deterministic=True)
@@ -126,7 +126,7 @@ def test_shared_and_separate_features_extractors(share):
         assert all(id(p) in critic_ids for p in policy.vf_features_extractor.parameters())
     vf_before = [p.detach().clone() for p in policy.vf_features_extractor.parameters()]
     check_learns_and_predicts(model)
-    vf_moved = any(not th.equal(b, p) for b, p in zip(vf_before, policy.vf_features_extractor.parameters()))
+    vf_moved = any(not th.equal(b, p) for b, p in zip(vf_before, policy.vf_features_extractor.parameters(), strict=False))
     assert vf_moved, "the critic's (or the shared actor's) extractor must be trained"
 
 

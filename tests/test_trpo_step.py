@@ -76,7 +76,7 @@ def test_accepted_step_satisfies_kl_bound_after_whole_train(case, recording_logg
     # Measured after the critic regression too: the critic must not have moved the action distribution.
     assert 0.0 < kl <= model.target_kl * (1 + 1e-4)
     assert kl == pytest.approx(row["train/kl_divergence"], rel=1e-3)
-    for before, after in zip(snapshot.policy_before.parameters(), model.policy.parameters()):
+    for before, after in zip(snapshot.policy_before.parameters(), model.policy.parameters(), strict=False):
         if any(after is p for p in model._critic_params):
             assert not th.equal(before, after), "every critic parameter is regressed"
 
@@ -87,7 +87,7 @@ def actor_state(policy, model):
 
 def assert_actor_unchanged(snapshot, model):
     actor_ids = {id(p) for p in model._actor_params}
-    for (name, before), after in zip(snapshot.policy_before.named_parameters(), model.policy.parameters()):
+    for (name, before), after in zip(snapshot.policy_before.named_parameters(), model.policy.parameters(), strict=False):
         if id(after) in actor_ids:
             assert th.equal(before, after), f"{name} changed"
 
@@ -110,15 +110,16 @@ def nan_advantage(model):
 
 def nan_fisher(monkeypatch):
     original = trust_region.fisher_vector_product
-    monkeypatch.setattr(
-        trust_region,
-        "fisher_vector_product",
-        lambda *args, **kwargs: (lambda v, fvp=original(*args, **kwargs): fvp(v) * float("nan")),
-    )
+
+    def poisoned(*args, **kwargs):
+        product = original(*args, **kwargs)
+        return lambda vector: product(vector) * float("nan")
+
+    monkeypatch.setattr(trust_region, "fisher_vector_product", poisoned)
 
 
 def negative_fisher(monkeypatch):
-    monkeypatch.setattr(trust_region, "fisher_vector_product", lambda *args, **kwargs: (lambda v: -v))
+    monkeypatch.setattr(trust_region, "fisher_vector_product", lambda *args, **kwargs: lambda v: -v)
 
 
 def nan_objective_after_step(monkeypatch):

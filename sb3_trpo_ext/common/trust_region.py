@@ -48,7 +48,17 @@ def flat_grad(output: th.Tensor, params: Sequence[nn.Parameter], retain_graph: b
     :param retain_graph: Keep the graph for further differentiation
     :return: Flat gradient
     """
-    grads = th.autograd.grad(output, params, retain_graph=retain_graph, allow_unused=True)
+    return flatten_grads(th.autograd.grad(output, params, retain_graph=retain_graph, allow_unused=True), params)
+
+
+def flatten_grads(grads: Sequence[th.Tensor | None], params: Sequence[th.Tensor]) -> th.Tensor:
+    """
+    Concatenate gradients into one flat vector, with zeros where autograd returned ``None`` (unused parameter).
+
+    :param grads: Output of ``th.autograd.grad(..., allow_unused=True)``
+    :param params: The parameters the gradients belong to
+    :return: Flat gradient
+    """
     return th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params, strict=True)])
 
 
@@ -116,7 +126,8 @@ def conjugate_gradient(
     if b_norm == 0.0:
         return ConjugateGradientResult(x, 0, 0.0)
     n_steps = 0
-    for n_steps in range(1, max_steps + 1):
+    while n_steps < max_steps:
+        n_steps += 1
         a_p = matrix_vector_product(p)
         p_a_p = th.dot(p, a_p)
         alpha = r_dot_r / p_a_p
@@ -268,10 +279,9 @@ def analytic_fisher_vector_product(
 
     def fisher_vector_product(vector: th.Tensor) -> th.Tensor:
         tangents = tuple(unflatten_like(vector, params))
-        _, jacobian_vector = th.func.jvp(statistics_of, primals, tangents)
+        jacobian_vector = th.func.jvp(statistics_of, primals, tangents)[1]
         weighted = metric(jacobian_vector)
-        grads = th.autograd.grad(statistics, params, weighted, retain_graph=True, allow_unused=True)
-        return th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params, strict=True)])
+        return flatten_grads(th.autograd.grad(statistics, params, weighted, retain_graph=True, allow_unused=True), params)
 
     return fisher_vector_product
 
@@ -291,8 +301,7 @@ def kl_hessian_vector_product(
     with th.no_grad():
         old = detached_copy(distribution_fn())
     kl = joint_kl(old, distribution_fn()).mean()
-    grads = th.autograd.grad(kl, params, create_graph=True, allow_unused=True)
-    kl_grad = th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params, strict=True)])
+    kl_grad = flatten_grads(th.autograd.grad(kl, params, create_graph=True, allow_unused=True), params)
 
     def hessian_vector_product(vector: th.Tensor) -> th.Tensor:
         return flat_grad(th.dot(kl_grad, vector), params, retain_graph=True)

@@ -28,9 +28,10 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be an integer, got {value!r} of type {type(value).__name__}")
-    if (low is not None and value < low) or (high is not None and value > high):
+    integer = int(value)
+    if (low is not None and integer < low) or (high is not None and integer > high):
         raise ValueError(f"`{name}` must be an integer {_describe_range(low, high, False, False)}, got {value!r}")
-    return int(value)
+    return integer
 
 
 def check_float(
