@@ -193,3 +193,56 @@ def test_train_uses_learning_rate_schedule(recording_logger):
     # SB3 updates the progress after each rollout: half-way, then at the end.
     assert rates == pytest.approx([0.005, 0.0])
     assert model.policy.optimizer.param_groups[0]["lr"] == pytest.approx(rates[-1])
+
+
+def test_accepts_every_sb3_contrib_trpo_argument_with_its_default():
+    import inspect
+
+    from sb3_contrib import TRPO as ContribTRPO
+
+    ours = inspect.signature(TRPO).parameters
+    for name, parameter in inspect.signature(ContribTRPO).parameters.items():
+        assert name in ours, name
+        assert ours[name].default == parameter.default, name
+
+
+def test_fisher_subsampling_keeps_full_batch_for_gradient_and_line_search():
+    model = TRPO("MlpPolicy", TargetEnv(), n_steps=100, batch_size=50, fisher_sub_sampling_factor=5, seed=0)
+    model.learn(100)  # fills the buffer; train() below reuses it
+    sizes = []
+    get_distribution = model.policy.get_distribution
+
+    def recording(observations):
+        sizes.append(len(observations))
+        return get_distribution(observations)
+
+    model.policy.get_distribution = recording
+    model.train()
+    assert set(sizes) == {100, 20}
+    assert sizes.count(100) >= 3  # old distribution, gradient, line search
+
+
+def test_sub_sampling_factor_subsamples_the_whole_policy_step():
+    model = TRPO("MlpPolicy", TargetEnv(), n_steps=100, batch_size=50, sub_sampling_factor=2, seed=0)
+    model.learn(100)
+    sizes = []
+    get_distribution = model.policy.get_distribution
+    model.policy.get_distribution = lambda observations: sizes.append(len(observations)) or get_distribution(observations)
+    model.train()
+    assert set(sizes) == {50}
+
+
+def test_entropy_bonus_enters_the_surrogate():
+    model = TRPO("MlpPolicy", TargetEnv(), n_steps=64, batch_size=64, ent_coef=0.5)
+    observations = th.as_tensor(np.stack([model.observation_space.sample() for _ in range(8)]))
+    distribution = model.policy.get_distribution(observations)
+    actions = distribution.get_actions().detach()
+    old_log_prob = distribution.log_prob(actions).detach()
+    objective = model.surrogate_objective(actions, old_log_prob, th.zeros(8))(distribution)
+    # Zero advantages: only the bonus is left, 0.5 * mean entropy.
+    assert objective.item() == pytest.approx(0.5 * distribution.entropy().mean().item(), rel=1e-6)
+    advantages = th.linspace(-1, 1, 8)
+    model.ent_coef = 0.0
+    assert model.surrogate_objective(actions, old_log_prob, advantages)(distribution).item() == pytest.approx(
+        advantages.mean().item(), abs=1e-6
+    )
