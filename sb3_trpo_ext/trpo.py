@@ -12,10 +12,18 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import (
     ActorCriticCnnPolicy,
     ActorCriticPolicy,
+    BaseModel,
     BasePolicy,
     MultiInputActorCriticPolicy,
 )
-from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
+from stable_baselines3.common.type_aliases import (
+    DictRolloutBufferSamples,
+    GymEnv,
+    MaybeCallback,
+    PyTorchObs,
+    RolloutBufferSamples,
+    Schedule,
+)
 from stable_baselines3.common.utils import explained_variance
 from torch import nn
 from torch.nn import functional as F
@@ -44,6 +52,19 @@ def subsample(observations: PyTorchObs, step: int) -> PyTorchObs:
     if isinstance(observations, dict):
         return {key: value[::step] for key, value in observations.items()}
     return observations[::step]
+
+
+def subsample_indices(batch: PyTorchObs, indices: th.Tensor) -> PyTorchObs:
+    """
+    The rows ``indices`` of a batch of (possibly dict) tensors.
+
+    :param batch: Batch of tensors
+    :param indices: Row indices
+    :return: The selected rows
+    """
+    if isinstance(batch, dict):
+        return {key: value[indices] for key, value in batch.items()}
+    return batch[indices]
 
 
 def split_actor_critic(module: nn.Module, distribution: Distribution) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -253,10 +274,14 @@ class TRPO(OnPolicyAlgorithm):
         if not self._critic_params:
             raise ValueError("The policy has no trainable critic parameter that leaves the action distribution unchanged")
         # The critic's optimizer must never see actor parameters: any move of theirs would break the KL bound.
+        optimizer_kwargs = dict(self.policy.optimizer_kwargs)
+        if self.policy.optimizer_class is th.optim.Adam and not {"fused", "foreach"} & optimizer_kwargs.keys():
+            # One kernel per step instead of a loop over tensors: the critic takes many small steps.
+            optimizer_kwargs["fused"] = True
         self.policy.optimizer = self.policy.optimizer_class(
             self._critic_params,
             lr=self.lr_schedule(1),
-            **self.policy.optimizer_kwargs,  # type: ignore[call-arg]
+            **optimizer_kwargs,  # type: ignore[call-arg]
         )
 
     def _probe_distribution(self) -> Distribution:
@@ -307,9 +332,13 @@ class TRPO(OnPolicyAlgorithm):
 
         return objective
 
-    def _policy_step(self) -> TrustRegionStats:
-        """Trust-region step of the actor on the collected rollout."""
-        rollout = next(self.rollout_buffer.get(batch_size=None))
+    def _policy_step(self, rollout: RolloutBufferSamples | DictRolloutBufferSamples) -> TrustRegionStats:
+        """
+        Trust-region step of the actor.
+
+        :param rollout: The whole rollout as one batch
+        :return: Statistics of the step
+        """
         step = self.sub_sampling_factor
         observations = subsample(rollout.observations, step)
         actions = rollout.actions[::step]
@@ -321,7 +350,6 @@ class TRPO(OnPolicyAlgorithm):
         fisher_observations = subsample(observations, self.fisher_sub_sampling_factor)
 
         stats = trust_region_update(
-            self.policy,
             self._actor_params,
             self.surrogate_objective(actions, rollout.old_log_prob[::step], advantages),
             distribution_fn=lambda: self.policy.get_distribution(observations),
@@ -333,39 +361,62 @@ class TRPO(OnPolicyAlgorithm):
         self.logger.record("train/entropy_loss", float("nan") if entropy is None else -entropy.mean().item())
         return stats
 
-    def _critic_step(self) -> float:
+    def _critic_inputs(self, observations: PyTorchObs) -> tuple[PyTorchObs, Callable[[PyTorchObs], th.Tensor]]:
         """
-        Regress the critic on the returns: ``n_critic_updates`` epochs of minibatch updates.
+        What the critic regression iterates over, and the value function of it.
 
+        When nothing the critic trains computes the critic's features (a parameter-free extractor, or one shared
+        with the actor and therefore frozen here), they are the same in every minibatch step: compute them once.
+
+        :param observations: The whole rollout's observations
+        :return: Per-sample inputs and the function mapping a minibatch of them to values
+        """
+        policy = self.policy
+        critic_ids = {id(p) for p in self._critic_params}
+        standard = type(policy).predict_values is ActorCriticPolicy.predict_values
+        if standard and not any(id(p) in critic_ids for p in policy.vf_features_extractor.parameters()):
+            with th.no_grad():
+                features = BaseModel.extract_features(policy, observations, policy.vf_features_extractor)
+            return features, lambda batch: policy.value_net(policy.mlp_extractor.forward_critic(batch))
+        return observations, policy.predict_values
+
+    def _critic_step(self, rollout: RolloutBufferSamples | DictRolloutBufferSamples) -> float:
+        """
+        Regress the critic on the returns: ``n_critic_updates`` epochs of ``batch_size`` minibatches.
+
+        :param rollout: The whole rollout as one batch
         :return: Mean value loss
         """
-        losses = []
         # Shared parts of the network are forwarded but frozen: the critic's optimizer does not hold them.
         for param in self._actor_params:
             param.requires_grad_(False)
         try:
+            inputs, value_fn = self._critic_inputs(rollout.observations)
+            returns = rollout.returns
+            optimizer, params = self.policy.optimizer, self._critic_params
+            losses = []
             for _ in range(self.n_critic_updates):
-                for batch in self.rollout_buffer.get(self.batch_size):
-                    values = self.policy.predict_values(batch.observations).flatten()
-                    loss = F.mse_loss(values, batch.returns)
-                    self.policy.optimizer.zero_grad()
-                    loss.backward()
-                    self.policy.optimizer.step()
-                    losses.append(loss.item())
+                for indices in th.randperm(len(returns), device=returns.device).split(self.batch_size):
+                    loss = F.mse_loss(value_fn(subsample_indices(inputs, indices)).flatten(), returns[indices])
+                    for param, grad in zip(params, th.autograd.grad(loss, params, allow_unused=True), strict=True):
+                        param.grad = grad
+                    optimizer.step()
+                    losses.append(loss.detach())
         finally:
             for param in self._actor_params:
                 param.requires_grad_(True)
-        return sum(losses) / len(losses) if losses else float("nan")
+        return th.stack(losses).mean().item() if losses else float("nan")
 
     def train(self) -> None:
         """Update the actor with one trust-region step, then regress the critic."""
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
 
-        stats = self._policy_step()
+        rollout = next(self.rollout_buffer.get(batch_size=None))
+        stats = self._policy_step(rollout)
         if stats.fault is not None:
             warnings.warn(f"TRPO skipped the policy step, parameters unchanged: {stats.fault}", stacklevel=2)
-        value_loss = self._critic_step()
+        value_loss = self._critic_step(rollout)
         self._n_updates += 1
 
         buffer = self.rollout_buffer

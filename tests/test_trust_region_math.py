@@ -66,7 +66,7 @@ def test_analytic_fisher_vector_product_equals_kl_hessian(kind, float64_policies
     space, kwargs = ACTION_SPACES[kind]
     model, policy, observations = make_float64_policy(space, kwargs)
     params = model._actor_params
-    product = analytic_fisher_vector_product(policy, params, lambda: policy.get_distribution(observations))
+    product = analytic_fisher_vector_product(params, lambda: policy.get_distribution(observations))
     assert product is not None, f"{kind} must use the analytic Fisher-vector product"
     generator = th.Generator().manual_seed(1)
     n_params = sum(p.numel() for p in params)
@@ -83,10 +83,10 @@ def test_fisher_vector_product_falls_back_to_double_backprop(monkeypatch, float6
     model, policy, observations = make_float64_policy(space, kwargs)
     params = model._actor_params
     vector = th.randn(sum(p.numel() for p in params), dtype=th.float64, generator=th.Generator().manual_seed(2))
-    analytic = fisher_vector_product(policy, params, lambda: policy.get_distribution(observations), damping=0.1)(vector)
+    analytic = fisher_vector_product(params, lambda: policy.get_distribution(observations), damping=0.1)(vector)
     monkeypatch.setattr(trust_region, "distribution_statistics", lambda distribution: None)
-    assert analytic_fisher_vector_product(policy, params, lambda: policy.get_distribution(observations)) is None
-    fallback = fisher_vector_product(policy, params, lambda: policy.get_distribution(observations), damping=0.1)(vector)
+    assert analytic_fisher_vector_product(params, lambda: policy.get_distribution(observations)) is None
+    fallback = fisher_vector_product(params, lambda: policy.get_distribution(observations), damping=0.1)(vector)
     assert ((analytic - fallback).norm() / fallback.norm()).item() <= 1e-8
 
 
@@ -117,7 +117,7 @@ def test_conjugate_gradient_solves_damped_fisher_system(float64_policies):
     space, kwargs = ACTION_SPACES["Categorical"]
     model, policy, observations = make_float64_policy(space, kwargs)
     params = model._actor_params
-    product = fisher_vector_product(policy, params, lambda: policy.get_distribution(observations), damping=0.1)
+    product = fisher_vector_product(params, lambda: policy.get_distribution(observations), damping=0.1)
     g = th.randn(sum(p.numel() for p in params), dtype=th.float64, generator=th.Generator().manual_seed(3))
     result = conjugate_gradient(product, g, max_steps=500, residual_tol=1e-10)
     assert ((product(result.x) - g).norm() / g.norm()).item() <= 1e-9
@@ -176,7 +176,7 @@ def test_fisher_vector_product_keeps_parameter_objects_of_shared_and_tied_module
     assert policy.pi_features_extractor is policy.features_extractor  # one module under several names
     before = {name: p for name, p in policy.named_parameters(remove_duplicate=False)}
     observations = th.as_tensor(np.stack([policy.observation_space.sample() for _ in range(4)]))
-    product = analytic_fisher_vector_product(policy, model._actor_params, lambda: policy.get_distribution(observations))
+    product = analytic_fisher_vector_product(model._actor_params, lambda: policy.get_distribution(observations))
     product(th.ones(sum(p.numel() for p in model._actor_params)))
     after = dict(policy.named_parameters(remove_duplicate=False))
     assert all(after[name] is param for name, param in before.items())
@@ -193,7 +193,7 @@ def test_analytic_fisher_vector_product_handles_parameters_tied_across_modules(f
     policy.mlp_extractor.policy_net = th.nn.Sequential(*layers).double()
     params, _ = split_actor_critic(policy, policy.get_distribution(observations))
     assert sum(p is first.weight for p in params) == 1
-    product = analytic_fisher_vector_product(policy, params, lambda: policy.get_distribution(observations))
+    product = analytic_fisher_vector_product(params, lambda: policy.get_distribution(observations))
     vector = th.randn(sum(p.numel() for p in params), dtype=th.float64, generator=th.Generator().manual_seed(4))
     expected = reference_kl_hessian_vector_product(policy, params, observations, vector)
     assert ((product(vector) - expected).norm() / expected.norm()).item() <= 1e-8

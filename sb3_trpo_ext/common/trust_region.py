@@ -228,31 +228,21 @@ def fisher_metric(distribution: Distribution, statistics: Sequence[th.Tensor]) -
     return lambda tangents: [inv_var * tangents[0], 2 * inv_var * tangents[1]]
 
 
-class _Closure(nn.Module):
-    """Makes an arbitrary function of a module callable through ``torch.func.functional_call``."""
-
-    def __init__(self, module: nn.Module, fn: Callable[[], list[th.Tensor]]):
-        super().__init__()
-        self.module = module
-        self.fn = fn
-
-    def forward(self) -> list[th.Tensor]:
-        return self.fn()
-
-
 def analytic_fisher_vector_product(
-    module: nn.Module,
     params: Sequence[nn.Parameter],
     distribution_fn: Callable[[], Distribution],
 ) -> Callable[[th.Tensor], th.Tensor] | None:
     """
-    Build ``v -> F v`` as ``J^T M J v`` where ``J`` is the Jacobian of the distribution statistics w.r.t.
-    ``params`` and ``M`` the closed-form Fisher metric. ``J v`` is one forward-mode pass, ``J^T w`` one
-    backward pass through a graph kept across calls: the KL gradient is never differentiated.
+    Build ``v -> F v`` as ``J^T M J v``, with ``J`` the Jacobian of the distribution statistics w.r.t. ``params``
+    and ``M`` the closed-form Fisher metric (:func:`fisher_metric`). The KL is never differentiated.
 
-    :param module: Module owning ``params`` (their values are swapped in for forward-mode differentiation)
+    ``J^T u`` is built once, with its graph, for a placeholder ``u``; being linear in ``u``, its derivative in the
+    direction ``v`` is ``J v`` (the "double-vjp" trick). Each product is then two backward passes through graphs
+    kept across calls, with no forward pass: measured faster than forward-mode AD on SB3's MLPs, whose
+    forward-mode ``linear`` cost about four primal passes.
+
     :param params: Parameters to differentiate with respect to
-    :param distribution_fn: Evaluates the action distribution on the Fisher batch with ``module``'s parameters
+    :param distribution_fn: Evaluates the action distribution on the Fisher batch
     :return: The product function, or ``None`` if the distribution has no analytic metric
     """
     distribution = distribution_fn()
@@ -260,27 +250,18 @@ def analytic_fisher_vector_product(
     if statistics is None:
         return None
     metric = fisher_metric(distribution, [s.detach() for s in statistics])
-
-    # One name per (owning module, attribute) slot. A shared submodule reached under two paths must be
-    # substituted only once: torch 2.13's functional_call swaps each name in turn and, for two names of one
-    # slot, restores the substitute instead of the parameter. Tied parameters in distinct modules are distinct
-    # slots and each get the substitute.
-    slots: dict[int, list[str]] = {}
-    for prefix, owner in module.named_modules():
-        for attribute, param in owner.named_parameters(recurse=False):
-            slots.setdefault(id(param), []).append(f"module.{prefix}.{attribute}" if prefix else f"module.{attribute}")
-    names = [slots[id(p)] for p in params]
-    closure = _Closure(module, lambda: distribution_statistics(distribution_fn()))  # type: ignore[arg-type, return-value]
-    primals = tuple(p.detach() for p in params)
-
-    def statistics_of(*values: th.Tensor) -> list[th.Tensor]:
-        substitutes = {alias: value for value, names_of in zip(values, names, strict=True) for alias in names_of}
-        return th.func.functional_call(closure, substitutes, (), tie_weights=False, strict=False)
+    placeholders = [th.zeros_like(s, requires_grad=True) for s in statistics]
+    transposed = th.autograd.grad(statistics, params, placeholders, create_graph=True, allow_unused=True)
+    # Parameters the statistics do not depend on contribute nothing to J v.
+    used = [i for i, g in enumerate(transposed) if g is not None]
 
     def fisher_vector_product(vector: th.Tensor) -> th.Tensor:
-        tangents = tuple(unflatten_like(vector, params))
-        jacobian_vector = th.func.jvp(statistics_of, primals, tangents)[1]
-        weighted = metric(jacobian_vector)
+        tangents = unflatten_like(vector, params)
+        jv = th.autograd.grad(
+            [transposed[i] for i in used], placeholders, [tangents[i] for i in used], retain_graph=True, allow_unused=True
+        )
+        jv_full = [th.zeros_like(s) if j is None else j for j, s in zip(jv, statistics, strict=True)]
+        weighted = metric(jv_full)
         return flatten_grads(th.autograd.grad(statistics, params, weighted, retain_graph=True, allow_unused=True), params)
 
     return fisher_vector_product
@@ -310,7 +291,6 @@ def kl_hessian_vector_product(
 
 
 def fisher_vector_product(
-    module: nn.Module,
     params: Sequence[nn.Parameter],
     distribution_fn: Callable[[], Distribution],
     damping: float = 0.0,
@@ -318,13 +298,12 @@ def fisher_vector_product(
     """
     ``v -> (F + damping I) v``: analytic where the distribution allows it, double backpropagation otherwise.
 
-    :param module: Module owning ``params``
     :param params: Actor parameters
     :param distribution_fn: Evaluates the action distribution on the Fisher batch
     :param damping: Tikhonov damping added to the Fisher
     :return: The (damped) product function
     """
-    product = analytic_fisher_vector_product(module, params, distribution_fn)
+    product = analytic_fisher_vector_product(params, distribution_fn)
     if product is None:
         product = kl_hessian_vector_product(params, distribution_fn)
     if damping == 0.0:
@@ -426,7 +405,6 @@ class TrustRegionStats:
 
 
 def trust_region_update(
-    module: nn.Module,
     params: Sequence[nn.Parameter],
     objective_fn: Callable[[Distribution], th.Tensor],
     distribution_fn: Callable[[], Distribution],
@@ -437,7 +415,6 @@ def trust_region_update(
     One natural-gradient step with a KL trust region. Numerical faults skip the step and leave ``params``
     bit-identical; ``TrustRegionStats.fault`` then says why.
 
-    :param module: Module owning ``params``
     :param params: Actor parameters (everything that influences the action distribution)
     :param objective_fn: Surrogate objective to maximise, given the distribution on the policy batch
     :param distribution_fn: Action distribution on the policy batch at the current parameters
@@ -458,7 +435,7 @@ def trust_region_update(
         stats.fault = "non-finite policy gradient"
         return stats
 
-    fvp = fisher_vector_product(module, params, fisher_distribution_fn, config.cg_damping)
+    fvp = fisher_vector_product(params, fisher_distribution_fn, config.cg_damping)
     cg = conjugate_gradient(fvp, gradient, config.cg_max_steps, config.cg_residual_tol)
     stats.cg_steps, stats.cg_residual = cg.n_steps, cg.relative_residual
     direction = cg.x
