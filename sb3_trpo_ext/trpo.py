@@ -7,6 +7,7 @@ from typing import Any, ClassVar, TypeVar
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import (
@@ -25,9 +26,11 @@ from stable_baselines3.common.type_aliases import (
     Schedule,
 )
 from stable_baselines3.common.utils import explained_variance
+from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 from torch.nn import functional as F
 
+from sb3_trpo_ext.common.rollout import lean_rollout_forward
 from sb3_trpo_ext.common.trust_region import (
     TrustRegionConfig,
     TrustRegionStats,
@@ -406,6 +409,20 @@ class TRPO(OnPolicyAlgorithm):
             for param in self._actor_params:
                 param.requires_grad_(True)
         return th.stack(losses).mean().item() if losses else float("nan")
+
+    def collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: RolloutBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
+        """
+        SB3's rollout loop, unchanged, with the policy's forward pass swapped for the fused one where the policy
+        allows it (see :mod:`sb3_trpo_ext.common.rollout`); the weights do not change during a rollout.
+        """
+        with lean_rollout_forward(self.policy):
+            return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
 
     def train(self) -> None:
         """Update the actor with one trust-region step, then regress the critic."""
