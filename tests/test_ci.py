@@ -1,4 +1,4 @@
-"""`.ci/run` must run exactly README's install and test commands."""
+"""`.ci/run` must run README's install command and then README's test command, as its last command."""
 
 import re
 from pathlib import Path
@@ -12,4 +12,7 @@ def test_ci_runs_readme_install_then_test_command():
     install, test = re.findall(r"```bash\n(.+?)\n```", section, flags=re.S)
     lines = (ROOT / ".ci" / "run").read_text().splitlines()
     commands = [line for line in lines if line and not line.startswith(("#", "set ", "cd "))]
-    assert commands == [install, test]
+    assert commands[0] == install
+    assert commands[-1] == test
+    # Between them only the PostgreSQL server install, which the README mentions.
+    assert all("postgresql" in line for line in commands[1:-1])
