@@ -160,6 +160,14 @@ def test_train_enjoy_and_load_cartpole(tmp_path):
     assert model.num_timesteps == 4096 and model.n_steps == 512  # the shipped CartPole-v1 entry
 
 
+def test_record_video(tmp_path):
+    pytest.importorskip("pygame", reason="rendering CartPole needs pygame (the envs extra installs it)")
+    zoo("train", "--env", "CartPole-v1", "-n", "1024", "-f", str(tmp_path / "logs"), "--seed", "0")
+    zoo("record_video", "--env", "CartPole-v1", "-f", str(tmp_path / "logs"), "-n", "50", "-o", str(tmp_path / "videos"))
+    (video,) = (tmp_path / "videos").glob("*trpo_ext-CartPole-v1*.mp4")
+    assert video.stat().st_size > 1000
+
+
 def test_train_enjoy_and_load_mujoco_with_normalization(tmp_path):
     if not _installed("InvertedPendulum-v5"):
         pytest.skip("MuJoCo is not installed (the envs extra provides it)")
