@@ -30,6 +30,8 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 from torch.nn import functional as F
 
+from sb3_trpo_ext.common.critic import regress_mlp
+from sb3_trpo_ext.common.mlp import LinearChain, critic_chain
 from sb3_trpo_ext.common.rollout import lean_rollout_forward
 from sb3_trpo_ext.common.trust_region import (
     TrustRegionConfig,
@@ -375,27 +377,55 @@ class TRPO(OnPolicyAlgorithm):
         :return: Per-sample inputs and the function mapping a minibatch of them to values
         """
         policy = self.policy
-        critic_ids = {id(p) for p in self._critic_params}
-        standard = type(policy).predict_values is ActorCriticPolicy.predict_values
-        if standard and not any(id(p) in critic_ids for p in policy.vf_features_extractor.parameters()):
+        if self._critic_reads_fixed_features():
             with th.no_grad():
                 features = BaseModel.extract_features(policy, observations, policy.vf_features_extractor)
             return features, lambda batch: policy.value_net(policy.mlp_extractor.forward_critic(batch))
         return observations, policy.predict_values
 
+    def _critic_reads_fixed_features(self) -> bool:
+        """Whether the critic is SB3's value head on features of an extractor that the critic does not train."""
+        policy = self.policy
+        critic_ids = {id(p) for p in self._critic_params}
+        standard = type(policy).predict_values is ActorCriticPolicy.predict_values
+        return standard and not any(id(p) in critic_ids for p in policy.vf_features_extractor.parameters())
+
+    def _critic_chain(self) -> LinearChain | None:
+        """The critic as a chain of linear layers on fixed features, when :func:`regress_mlp` can train it."""
+        return critic_chain(self.policy) if self._critic_reads_fixed_features() else None
+
     def _critic_step(self, rollout: RolloutBufferSamples | DictRolloutBufferSamples) -> float:
         """
-        Regress the critic on the returns: ``n_critic_updates`` epochs of ``batch_size`` minibatches.
+        Regress the critic on the returns: ``n_critic_updates`` epochs of ``batch_size`` minibatches, by hand for
+        the standard MLP critic (:func:`regress_mlp`), through autograd otherwise.
 
         :param rollout: The whole rollout as one batch
+        :return: Mean value loss
+        """
+        inputs, value_fn = self._critic_inputs(rollout.observations)
+        chain = self._critic_chain()
+        if chain is not None:
+            assert isinstance(inputs, th.Tensor)
+            loss = regress_mlp(chain, inputs, rollout.returns, self.policy.optimizer, self.n_critic_updates, self.batch_size)
+            if loss is not None:
+                return loss
+        return self._critic_step_autograd(inputs, value_fn, rollout.returns)
+
+    def _critic_step_autograd(
+        self, inputs: PyTorchObs, value_fn: Callable[[PyTorchObs], th.Tensor], returns: th.Tensor
+    ) -> float:
+        """
+        The critic regression through autograd and the critic's optimizer: any critic architecture and optimizer.
+
+        :param inputs: Per-sample inputs of ``value_fn``
+        :param value_fn: Maps a minibatch of inputs to values
+        :param returns: Regression targets
         :return: Mean value loss
         """
         # Shared parts of the network are forwarded but frozen: the critic's optimizer does not hold them.
         for param in self._actor_params:
             param.requires_grad_(False)
         try:
-            inputs, value_fn = self._critic_inputs(rollout.observations)
-            returns = rollout.returns
             optimizer, params = self.policy.optimizer, self._critic_params
             losses = []
             for _ in range(self.n_critic_updates):

@@ -1,0 +1,167 @@
+"""
+The critic regression without per-minibatch overhead.
+
+The critic takes hundreds of small Adam steps per update (RL Zoo's MuJoCo settings: 20 epochs of 16 minibatches).
+Through ``nn.Module`` calls, autograd and ``Optimizer.step`` each step costs several times its arithmetic. For the
+standard critic, a chain of ``nn.Linear`` layers with elementwise activations (:class:`LinearChain`),
+:func:`regress_mlp` runs the same computation by hand on one flat parameter vector: the forward pass, the backward
+pass of the mean squared error and Adam as ``torch.optim.Adam`` defines it, on the same shuffled minibatches. The
+optimizer's own state is read before and written back after, so saving, loading and the autograd path stay
+interchangeable.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch as th
+from torch import nn
+
+from sb3_trpo_ext.common.mlp import LinearChain
+from sb3_trpo_ext.common.trust_region import flat_concat, set_flat_params, unflatten_like
+
+
+@dataclass
+class AdamSettings:
+    """The hyperparameters of ``torch.optim.Adam`` that :func:`regress_mlp` implements."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+
+    @classmethod
+    def of(cls, optimizer: th.optim.Optimizer) -> "AdamSettings | None":
+        """
+        The settings of a plain single-group ``Adam``; ``None`` for any other optimizer or an Adam variant
+        (AMSGrad, maximize, ...) this module does not implement.
+
+        :param optimizer: The critic's optimizer
+        :return: Its settings, or ``None``
+        """
+        if type(optimizer) is not th.optim.Adam or len(optimizer.param_groups) != 1:
+            return None
+        group = optimizer.param_groups[0]
+        if group.get("amsgrad") or group.get("maximize") or group.get("differentiable") or group.get("capturable"):
+            return None
+        beta1, beta2 = group["betas"]
+        return cls(float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]))
+
+
+class FlatAdamState:
+    """
+    ``Adam``'s moments for a list of parameters as flat vectors, loaded from and stored into the optimizer.
+
+    :param optimizer: The optimizer holding ``params``
+    :param params: Parameters, in the order of the flat vectors
+    """
+
+    def __init__(self, optimizer: th.optim.Optimizer, params: Sequence[nn.Parameter]):
+        self.optimizer, self.params = optimizer, list(params)
+        states = [optimizer.state.get(p, {}) for p in self.params]
+        if all(s.get("exp_avg") is not None for s in states):
+            self.exp_avg = th.cat([s["exp_avg"].reshape(-1) for s in states])
+            self.exp_avg_sq = th.cat([s["exp_avg_sq"].reshape(-1) for s in states])
+            steps = {float(s["step"]) for s in states}
+            # The autograd path steps all critic parameters together, so their counters agree.
+            self.step = int(steps.pop()) if len(steps) == 1 else None
+        else:
+            self.exp_avg = th.cat([th.zeros_like(p).reshape(-1) for p in self.params])
+            self.exp_avg_sq = th.zeros_like(self.exp_avg)
+            self.step = 0 if not any(states) else None
+
+    def store(self) -> None:
+        """Write the moments and the step counter back into the optimizer's per-parameter state."""
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            old_step = self.optimizer.state.get(p, {}).get("step")
+            step = th.tensor(float(self.step or 0), dtype=th.float32, device=p.device)
+            if isinstance(old_step, th.Tensor):
+                step = step.to(dtype=old_step.dtype, device=old_step.device)
+            self.optimizer.state[p] = {
+                "step": step,
+                "exp_avg": self.exp_avg[offset : offset + n].view_as(p).clone(),
+                "exp_avg_sq": self.exp_avg_sq[offset : offset + n].view_as(p).clone(),
+            }
+            offset += n
+
+
+def adam_update(
+    param: th.Tensor, grad: th.Tensor, exp_avg: th.Tensor, exp_avg_sq: th.Tensor, step: int, settings: AdamSettings
+) -> None:
+    """
+    One Adam step in place, with ``torch.optim.Adam``'s formulas (bias-corrected moments, ``eps`` added after the
+    square root, L2 ``weight_decay`` added to the gradient).
+
+    :param param: Flat parameters
+    :param grad: Their gradient
+    :param exp_avg: First moment
+    :param exp_avg_sq: Second moment
+    :param step: Number of this step, from 1
+    :param settings: Hyperparameters
+    """
+    if settings.weight_decay != 0.0:
+        grad = grad.add(param, alpha=settings.weight_decay)
+    exp_avg.lerp_(grad, 1 - settings.beta1)
+    exp_avg_sq.mul_(settings.beta2).addcmul_(grad, grad, value=1 - settings.beta2)
+    # lr / c1 * m / (sqrt(v) / sqrt(c2) + eps), with both bias corrections moved into scalars (one tensor op less)
+    sqrt_c2 = math.sqrt(1 - settings.beta2**step)
+    denominator = exp_avg_sq.sqrt().add_(settings.eps * sqrt_c2)
+    param.addcdiv_(exp_avg, denominator, value=-settings.lr * sqrt_c2 / (1 - settings.beta1**step))
+
+
+def regress_mlp(
+    chain: LinearChain,
+    inputs: th.Tensor,
+    targets: th.Tensor,
+    optimizer: th.optim.Optimizer,
+    n_epochs: int,
+    batch_size: int,
+) -> float | None:
+    """
+    Minimise ``mean((chain(inputs) - targets)^2)`` with Adam on shuffled minibatches, by hand: the same result as
+    ``n_epochs`` of ``th.randperm(...).split(batch_size)`` minibatches through autograd and ``optimizer.step()``
+    (to float rounding), on the same random numbers.
+
+    :param chain: The critic; its last layer has one output
+    :param inputs: Inputs of the chain, shape (n, in_features)
+    :param targets: Regression targets, shape (n,)
+    :param optimizer: The ``Adam`` holding exactly the chain's parameters (its state is used and updated)
+    :param n_epochs: Passes over the data
+    :param batch_size: Minibatch size
+    :return: Mean loss over the minibatches (``nan`` if there were none), or ``None`` when the optimizer is not a
+        plain Adam over these parameters (nothing was changed then)
+    """
+    settings = AdamSettings.of(optimizer)
+    params = chain.parameters
+    if settings is None or {id(p) for p in optimizer.param_groups[0]["params"]} != {id(p) for p in params}:
+        return None
+    adam = FlatAdamState(optimizer, params)
+    if adam.step is None:
+        return None
+
+    with th.no_grad():
+        flat = flat_concat(params)
+        grad = th.empty_like(flat)
+        weights, grads = unflatten_like(flat, params), unflatten_like(grad, params)
+        loss_sum, n_minibatches = th.zeros((1, 1), dtype=flat.dtype, device=flat.device), 0
+        step = adam.step
+        for _ in range(n_epochs):
+            permutation = th.randperm(len(targets), device=targets.device)
+            # One gather per epoch, then contiguous minibatches: the same rows as indexing every minibatch.
+            input_batches = inputs[permutation].split(batch_size)
+            target_batches = targets[permutation].unsqueeze(1).split(batch_size)
+            for x, y in zip(input_batches, target_batches, strict=True):
+                outputs = chain.forward(weights, x)
+                error = outputs[-1] - y
+                loss_sum.add_(error.T @ error, alpha=1 / len(y))
+                chain.vjp(weights, outputs, error * (2 / len(y)), out=grads)
+                step += 1
+                adam_update(flat, grad, adam.exp_avg, adam.exp_avg_sq, step, settings)
+                n_minibatches += 1
+        adam.step = step
+        adam.store()
+        set_flat_params(params, flat)
+    return loss_sum.item() / n_minibatches if n_minibatches else float("nan")
