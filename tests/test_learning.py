@@ -12,7 +12,8 @@ def evaluate(model: TRPO, env_id: str, seed: int) -> float:
 
 
 def test_cartpole_reaches_475():
-    # RL Zoo's tuned TRPO hyperparameters for CartPole-v1 (rl_zoo3 2.9.2, hyperparams/trpo.yml); about 15 s.
+    # RL Zoo's tuned TRPO hyperparameters for CartPole-v1 (rl_zoo3 2.9.2, hyperparams/trpo.yml); about 20 s.
+    # The budget is where seeds 0-5 all evaluated at 500 (at 40,960 steps two of six were still below 400).
     model = TRPO(
         "MlpPolicy",
         make_vec_env("CartPole-v1", n_envs=2, seed=0),
@@ -23,7 +24,7 @@ def test_cartpole_reaches_475():
         n_critic_updates=20,
         seed=0,
     )
-    model.learn(40_960)
+    model.learn(61_440)
     assert evaluate(model, "CartPole-v1", seed=1000) >= 475
 
 
