@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from sb3_trpo_ext.common.critic import regress_mlp
 from sb3_trpo_ext.common.mlp import LinearChain, critic_chain
-from sb3_trpo_ext.common.rollout import lean_rollout_forward
+from sb3_trpo_ext.common.rollout import collect_rollouts, fused_forward
 from sb3_trpo_ext.common.trust_region import (
     TrustRegionConfig,
     TrustRegionStats,
@@ -448,11 +448,13 @@ class TRPO(OnPolicyAlgorithm):
         n_rollout_steps: int,
     ) -> bool:
         """
-        SB3's rollout loop, unchanged, with the policy's forward pass swapped for the fused one where the policy
-        allows it (see :mod:`sb3_trpo_ext.common.rollout`); the weights do not change during a rollout.
+        SB3's rollout loop, with the policy call evaluated in NumPy where the policy allows it (see
+        :mod:`sb3_trpo_ext.common.rollout`): the same actions, values and log-probabilities for the same seed.
         """
-        with lean_rollout_forward(self.policy):
+        forward = fused_forward(self.policy)
+        if forward is None:
             return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+        return collect_rollouts(self, forward, env, callback, rollout_buffer, n_rollout_steps)
 
     def train(self) -> None:
         """Update the actor with one trust-region step, then regress the critic."""

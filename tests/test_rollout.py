@@ -3,12 +3,14 @@
 import numpy as np
 import pytest
 import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import FakeImageEnv, IdentityEnv, IdentityEnvMultiBinary, IdentityEnvMultiDiscrete
+from stable_baselines3.common.vec_env import VecNormalize
 from torch import nn
 
 from sb3_trpo_ext import TRPO
-from sb3_trpo_ext.common.rollout import fused_forward, lean_rollout_forward
+from sb3_trpo_ext.common.rollout import fused_forward
 from tests.envs import TargetEnv
 
 
@@ -18,15 +20,15 @@ class LeakyReLU02(nn.LeakyReLU):
 
 
 CASES = {
-    "Discrete": (lambda: IdentityEnv(5), {}),
+    "Discrete": (lambda: IdentityEnv(5, ep_length=10), {}),
     "Box": (lambda: TargetEnv(action_dim=3), {}),
     "Box-gSDE": (lambda: TargetEnv(action_dim=3), {"use_sde": True, "sde_sample_freq": 2}),
     "Box-gSDE-learn-features": (
         lambda: TargetEnv(action_dim=2),
         {"use_sde": True, "policy_kwargs": {"use_expln": True, "full_std": False}},
     ),
-    "MultiDiscrete": (lambda: IdentityEnvMultiDiscrete(3), {}),
-    "MultiBinary": (lambda: IdentityEnvMultiBinary(4), {}),
+    "MultiDiscrete": (lambda: IdentityEnvMultiDiscrete(3, ep_length=10), {}),
+    "MultiBinary": (lambda: IdentityEnvMultiBinary(4, ep_length=10), {}),
     "uneven-towers-relu": (
         lambda: TargetEnv(action_dim=2),
         {"policy_kwargs": {"net_arch": {"pi": [32, 16], "vf": [8, 24]}, "activation_fn": nn.ReLU}},
@@ -53,42 +55,89 @@ def test_fused_forward_matches_policy_forward(case, deterministic):
     policy.set_training_mode(False)
     if model.use_sde:
         policy.reset_noise(4)
-    observations = th.as_tensor(np.stack([model.observation_space.sample() for _ in range(4)]))
+    observations = np.stack([model.observation_space.sample() for _ in range(4)])
     fused = fused_forward(policy)
     assert fused is not None, "the standard MLP policy must take the fused path"
     with th.no_grad():
         th.manual_seed(7)
-        expected = policy(observations, deterministic=deterministic)
-        th.manual_seed(7)
-        actual = fused(observations, deterministic=deterministic)
+        expected = policy(th.as_tensor(observations), deterministic=deterministic)
+    th.manual_seed(7)
+    actual = fused(observations, deterministic)
     for name, e, a in zip(("actions", "values", "log_prob"), expected, actual, strict=True):
+        e = e.numpy().reshape(-1) if name == "values" else e.numpy()
         assert e.shape == a.shape and e.dtype == a.dtype, name
-        th.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=name)
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("case", ["Discrete", "Box", "Box-gSDE", "MultiDiscrete", "MultiBinary"])
-def test_rollout_trajectories_match_sb3_rollout(case):
+def as_array(value) -> np.ndarray:
+    return value.numpy().copy() if isinstance(value, th.Tensor) else np.array(value)
+
+
+class StopAfter(BaseCallback):
+    """Records what SB3 exposes to callbacks at every step; stops the rollout after ``n_calls`` steps."""
+
+    def __init__(self, n_calls: int | None = None):
+        super().__init__()
+        self.stop_at, self.seen = n_calls, []
+
+    def _on_step(self) -> bool:
+        keys = ("actions", "clipped_actions", "values", "log_probs", "rewards", "dones", "n_steps")
+        self.seen.append({k: as_array(self.locals[k]) for k in keys})
+        return self.stop_at is None or self.n_calls < self.stop_at
+
+    def _on_rollout_end(self) -> None:
+        self.seen.append({"last_values": as_array(self.locals["values"])})
+
+
+ROLLOUT_CASES = {
+    **{case: (case, False) for case in ("Discrete", "Box", "Box-gSDE", "MultiDiscrete", "MultiBinary")},
+    "Box-VecNormalize": ("Box", True),
+    "gSDE-VecNormalize": ("Box-gSDE", True),
+}
+
+
+@pytest.mark.parametrize("stop_at", [None, 21], ids=["whole", "callback-stops-early"])
+@pytest.mark.parametrize("case", list(ROLLOUT_CASES))
+def test_rollout_trajectories_match_sb3_rollout(case, stop_at):
+    """Same buffer, counters, episode statistics and callback view as SB3's loop; TargetEnv truncates episodes
+    (timeout bootstrapping) and Box actions leave the bounds (clipping)."""
+    env_case, normalize = ROLLOUT_CASES[case]
+
     def rollout(lean: bool):
-        model = make(case, seed=3)
+        env_fn, kwargs = CASES[env_case]
+        env = make_vec_env(env_fn, n_envs=2, seed=3)
+        # (Box-gSDE resamples its noise every 2 steps.)
+        model = TRPO("MlpPolicy", VecNormalize(env) if normalize else env, n_steps=32, batch_size=32, seed=3, **kwargs)
         model._setup_learn(64, None)
-        callback = model._init_callback(None)
+        callback = StopAfter(stop_at)
+        callback.init_callback(model)
         collect = model.collect_rollouts if lean else super(TRPO, model).collect_rollouts
-        collect(model.env, callback, model.rollout_buffer, model.n_steps)
+        complete = collect(model.env, callback, model.rollout_buffer, model.n_steps)
         buffer = model.rollout_buffer
-        return [buffer.observations, buffer.actions, buffer.rewards, buffer.values, buffer.log_probs, buffer.returns]
+        arrays = [buffer.observations, buffer.actions, buffer.rewards, buffer.episode_starts, buffer.values]
+        arrays += [buffer.log_probs, buffer.returns, buffer.advantages, model._last_obs, model._last_episode_starts]
+        counters = (complete, model.num_timesteps, buffer.pos, [e["r"] for e in model.ep_info_buffer])
+        return arrays, counters, callback.seen
 
-    for name, lean, plain in zip(
-        ("observations", "actions", "rewards", "values", "log_probs", "returns"), rollout(True), rollout(False), strict=True
-    ):
-        np.testing.assert_allclose(lean, plain, rtol=1e-4, atol=1e-5, err_msg=name)
+    (lean_arrays, lean_counters, lean_seen), (arrays, counters, seen) = rollout(True), rollout(False)
+    assert lean_counters[:3] == counters[:3]  # completed, num_timesteps, buffer position
+    assert lean_counters[3] == pytest.approx(counters[3])  # episode returns
+    assert any(counters[-1]), "episodes must end (by truncation) within the rollout"
+    for i, (a, b) in enumerate(zip(lean_arrays, arrays, strict=True)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"buffer array {i}")
+    assert len(lean_seen) == len(seen)
+    for step, (a, b) in enumerate(zip(lean_seen, seen, strict=True)):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, (step, key)
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=f"{key} at step {step}")
 
 
-def test_lean_forward_is_removed_after_the_rollout():
-    model = make("Box")
-    with lean_rollout_forward(model.policy) as lean:
-        assert lean and "forward" in vars(model.policy)
-    assert "forward" not in vars(model.policy)
-    # Not a standard MLP policy: SB3's own forward is kept.
+def test_sb3_loop_for_policies_the_fused_forward_does_not_cover():
     image = TRPO("CnnPolicy", FakeImageEnv(screen_height=36, screen_width=36), n_steps=8, batch_size=8)
-    with lean_rollout_forward(image.policy) as lean:
-        assert not lean and "forward" not in vars(image.policy)
+    assert fused_forward(image.policy) is None
+    squashed = TRPO("MlpPolicy", TargetEnv(), n_steps=8, batch_size=8, use_sde=True, policy_kwargs={"squash_output": True})
+    assert fused_forward(squashed.policy) is None
+    for model in (image, squashed):
+        model.learn(16)
+        assert model.num_timesteps == 16

@@ -1,19 +1,23 @@
 """
-A lean replacement for ``ActorCriticPolicy.forward`` during rollouts.
+A lean rollout: SB3's ``collect_rollouts`` loop with the policy call evaluated in NumPy.
 
-SB3 spends most of a rollout step in the policy call at batch size ``n_envs``: about a dozen module calls and
-the construction and validation of a ``torch.distributions`` object, for a few tiny matrix products. For the
-standard MLP policy, :func:`fused_forward` evaluates the actor and critic towers together as block-diagonal
-matrix products (weights assembled once per rollout) and samples with the same random-number calls as the
-distributions SB3 builds, so the same seed gives the same actions, values and log-probabilities (to float
-rounding). Anything else keeps SB3's own ``forward``.
+SB3 spends most of a rollout step in the policy call at batch size ``n_envs``: about a dozen module calls and the
+construction and validation of a ``torch.distributions`` object, for a few tiny matrix products; at that size even
+a bare torch operator costs several times its NumPy counterpart. For the standard MLP policy,
+:func:`fused_forward` evaluates the actor and critic towers together as block-diagonal matrix products in NumPy
+(weights copied once per rollout, when they are fixed) and draws its random numbers with the same torch calls as
+the distributions SB3 builds, so the same seed gives the same actions, values and log-probabilities (to float
+rounding). :func:`collect_rollouts` is SB3's loop around it, step for step. Anything else keeps SB3's own path.
 """
 
-import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import (
     BernoulliDistribution,
     CategoricalDistribution,
@@ -21,16 +25,25 @@ from stable_baselines3.common.distributions import (
     MultiCategoricalDistribution,
     StateDependentNoiseDistribution,
 )
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.preprocessing import preprocess_obs
+from stable_baselines3.common.preprocessing import is_image_space, preprocess_obs
 from stable_baselines3.common.torch_layers import FlattenExtractor, MlpExtractor
+from stable_baselines3.common.utils import obs_as_tensor
+from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
-from torch.nn import functional as F
 
-Forward = Callable[..., tuple[th.Tensor, th.Tensor, th.Tensor]]
-_LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
-# Activations applied elementwise, so one call serves both towers.
+# ``(observations, deterministic) -> (actions, values, log_prob)``, all NumPy arrays
+Forward = Callable[[np.ndarray, bool], tuple[np.ndarray, np.ndarray, np.ndarray]]
+Activation = Callable[[np.ndarray], np.ndarray]
+_LOG_SQRT_2PI = float(np.log(np.sqrt(2 * np.pi)))
+# Activations applied elementwise, so one call serves both towers; NumPy's own for the common ones.
 _ELEMENTWISE = (nn.Tanh, nn.ReLU, nn.ELU, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Softplus, nn.Identity)
+_NUMPY_ACTIVATIONS: dict[type[nn.Module], Activation] = {
+    nn.Tanh: np.tanh,
+    nn.ReLU: lambda x: np.maximum(x, 0),
+    nn.Identity: lambda x: x,
+}
 
 
 def _tower(sequential: nn.Module) -> list[tuple[nn.Linear, nn.Module | None]] | None:
@@ -54,20 +67,33 @@ def _same_activation(a: nn.Module | None, b: nn.Module | None) -> bool:
     )
 
 
-def _gaussian_log_prob(actions: th.Tensor, mean: th.Tensor, std: th.Tensor) -> th.Tensor:
+def _numpy_activation(module: nn.Module | None) -> Activation | None:
+    if module is None or type(module) in _NUMPY_ACTIVATIONS:
+        return None if module is None else _NUMPY_ACTIVATIONS[type(module)]
+    return lambda x: module(th.from_numpy(x)).numpy()
+
+
+def _numpy(tensor: th.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().numpy()
+
+
+def _gaussian_log_prob(actions: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     # torch.distributions.Normal.log_prob, summed over action dimensions
-    return (-((actions - mean) ** 2) / (2 * std**2) - std.log() - _LOG_SQRT_2PI).sum(dim=1)
+    return (-((actions - mean) ** 2) / (2 * std**2) - np.log(std) - _LOG_SQRT_2PI).sum(axis=1)
 
 
-def _categorical(logits: th.Tensor, deterministic: bool) -> tuple[th.Tensor, th.Tensor]:
-    # torch.distributions.Categorical: normalised logits, softmax probabilities, one multinomial draw per row
-    logits = logits - logits.logsumexp(dim=-1, keepdim=True)
-    probs = F.softmax(logits, dim=-1)
-    actions = probs.argmax(dim=1) if deterministic else th.multinomial(probs, 1, True).T.reshape(-1)
-    return actions, logits.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+def _categorical(logits: np.ndarray, deterministic: bool) -> tuple[np.ndarray, np.ndarray]:
+    # torch.distributions.Categorical: normalised logits, their softmax, one multinomial draw per row
+    log_probs = logits - logits.max(axis=1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(axis=1, keepdims=True))
+    if deterministic:
+        actions = log_probs.argmax(axis=1)
+    else:
+        actions = th.multinomial(th.from_numpy(np.exp(log_probs)), 1, True).numpy()[:, 0]
+    return actions, np.take_along_axis(log_probs, actions[:, None], axis=1)[:, 0]
 
 
-Sampler = Callable[[th.Tensor, th.Tensor, bool], tuple[th.Tensor, th.Tensor]]
+Sampler = Callable[[np.ndarray, np.ndarray, bool], tuple[np.ndarray, np.ndarray]]
 
 
 def _sampler(policy: ActorCriticPolicy) -> Sampler | None:
@@ -81,40 +107,47 @@ def _sampler(policy: ActorCriticPolicy) -> Sampler | None:
         if distribution.bijector is not None:
             return None
         sde = distribution
-        variance_weights = sde.get_std(policy.log_std) ** 2
+        variance_weights = _numpy(sde.get_std(policy.log_std) ** 2)
 
-        def sample_sde(head: th.Tensor, hidden: th.Tensor, deterministic: bool) -> tuple[th.Tensor, th.Tensor]:
+        def sample_sde(head: np.ndarray, hidden: np.ndarray, deterministic: bool) -> tuple[np.ndarray, np.ndarray]:
             latent_sde = hidden[:, :latent_pi_dim]
-            std = th.sqrt(th.mm(latent_sde**2, variance_weights) + sde.epsilon)
-            actions = head if deterministic else head + sde.get_noise(latent_sde)
+            std = np.sqrt((latent_sde**2) @ variance_weights + sde.epsilon)
+            # The noise matrices are read at every call: gSDE resamples them during the rollout.
+            actions = head if deterministic else head + _numpy(sde.get_noise(th.from_numpy(latent_sde)))
             return actions, _gaussian_log_prob(actions, head, std)
 
         return sample_sde
     if type(distribution) is DiagGaussianDistribution:
-        std_row = policy.log_std.exp()
+        std_row = _numpy(policy.log_std.exp())
 
-        def sample_gaussian(head: th.Tensor, hidden: th.Tensor, deterministic: bool) -> tuple[th.Tensor, th.Tensor]:
-            std = std_row.expand_as(head)
-            actions = head if deterministic else th.normal(head, std)
+        def sample_gaussian(head: np.ndarray, hidden: np.ndarray, deterministic: bool) -> tuple[np.ndarray, np.ndarray]:
+            std = np.broadcast_to(std_row, head.shape)
+            if deterministic:
+                actions = head
+            else:
+                # Normal.rsample: loc + eps * scale, eps drawn by normal_() on a tensor of the batch's shape
+                actions = head + th.empty(head.shape, dtype=policy.log_std.dtype).normal_().numpy() * std
             return actions, _gaussian_log_prob(actions, head, std)
 
         return sample_gaussian
     if isinstance(distribution, CategoricalDistribution):
         return lambda head, hidden, deterministic: _categorical(head, deterministic)
     if isinstance(distribution, MultiCategoricalDistribution):
-        dims = list(distribution.action_dims)
+        boundaries = np.cumsum(distribution.action_dims)[:-1]
 
-        def sample_multi(head: th.Tensor, hidden: th.Tensor, deterministic: bool) -> tuple[th.Tensor, th.Tensor]:
-            pairs = [_categorical(logits, deterministic) for logits in th.split(head, dims, dim=1)]
-            return th.stack([a for a, _ in pairs], dim=1), th.stack([lp for _, lp in pairs], dim=1).sum(dim=1)
+        def sample_multi(head: np.ndarray, hidden: np.ndarray, deterministic: bool) -> tuple[np.ndarray, np.ndarray]:
+            pairs = [_categorical(logits, deterministic) for logits in np.split(head, boundaries, axis=1)]
+            return np.stack([a for a, _ in pairs], axis=1), np.stack([lp for _, lp in pairs], axis=1).sum(axis=1)
 
         return sample_multi
     if isinstance(distribution, BernoulliDistribution):
 
-        def sample_bernoulli(head: th.Tensor, hidden: th.Tensor, deterministic: bool) -> tuple[th.Tensor, th.Tensor]:
-            probs = th.sigmoid(head)
-            actions = th.round(probs) if deterministic else th.bernoulli(probs)
-            return actions, -F.binary_cross_entropy_with_logits(head, actions, reduction="none").sum(dim=1)
+        def sample_bernoulli(head: np.ndarray, hidden: np.ndarray, deterministic: bool) -> tuple[np.ndarray, np.ndarray]:
+            probs = 1 / (1 + np.exp(-head))
+            actions = np.round(probs) if deterministic else th.bernoulli(th.from_numpy(probs)).numpy()
+            # minus binary cross-entropy with logits, in its stable form
+            log_prob = -(np.maximum(head, 0) - head * actions + np.log1p(np.exp(-np.abs(head))))
+            return actions, log_prob.sum(axis=1)
 
         return sample_bernoulli
     return None
@@ -122,8 +155,9 @@ def _sampler(policy: ActorCriticPolicy) -> Sampler | None:
 
 def fused_forward(policy: ActorCriticPolicy) -> Forward | None:
     """
-    A forward pass equivalent to ``policy.forward`` built from the policy's current weights, or ``None`` when the
-    policy is not a standard MLP actor-critic (custom forward or extractor, squashed or unknown distribution).
+    A forward pass equivalent to ``policy.forward`` on NumPy arrays, built from the policy's current weights, or
+    ``None`` when the policy is not a standard MLP actor-critic (custom forward or extractor, dict observations,
+    squashed or unknown distribution).
 
     The returned function is only valid while the weights do not change (one rollout).
 
@@ -136,8 +170,10 @@ def fused_forward(policy: ActorCriticPolicy) -> Forward | None:
         for name in ("forward", "extract_features", "_get_action_dist_from_latent")
     )
     extractor = policy.mlp_extractor
+    space = policy.observation_space
     if not (
         standard_methods
+        and not isinstance(space, spaces.Dict)
         and type(policy.pi_features_extractor) is FlattenExtractor
         and type(policy.vf_features_extractor) is FlattenExtractor
         and type(extractor) is MlpExtractor
@@ -156,48 +192,131 @@ def fused_forward(policy: ActorCriticPolicy) -> Forward | None:
         if sample is None:
             return None
         # Hidden layers: the first one reads the shared features (stacked rows), the next ones are block-diagonal.
-        layers: list[tuple[th.Tensor, th.Tensor, nn.Module | None]] = []
+        layers: list[tuple[np.ndarray, np.ndarray, Activation | None]] = []
         for depth, ((pi, activation), (vf, _)) in enumerate(zip(pi_tower, vf_tower, strict=True)):
             weight = th.cat([pi.weight, vf.weight]) if depth == 0 else th.block_diag(pi.weight, vf.weight)
-            layers.append((weight.T.contiguous(), th.cat([pi.bias, vf.bias]), activation))
+            layers.append((_numpy(weight.T).copy(), _numpy(th.cat([pi.bias, vf.bias])), _numpy_activation(activation)))
         action_net, value_net = policy.action_net, policy.value_net
         heads = (action_net.weight, value_net.weight)
         head_weight = th.block_diag(*heads) if layers else th.cat(heads)
-        head_weight_t, head_bias = head_weight.T.contiguous(), th.cat([action_net.bias, value_net.bias])
+        head_weight_t, head_bias = _numpy(head_weight.T).copy(), _numpy(th.cat([action_net.bias, value_net.bias]))
+    dtype = head_bias.dtype
     action_size = head_bias.shape[0] - 1
     action_shape: tuple[int, ...] = policy.action_space.shape or ()
+    if isinstance(space, spaces.Box) and not is_image_space(space):
+        # SB3's preprocessing of a non-image Box is a cast to the network's dtype
+        def features(obs: np.ndarray) -> np.ndarray:
+            return np.asarray(obs, dtype=dtype)
+    else:  # one-hot encodings, image scaling: SB3's own preprocessing
 
-    def forward(obs: th.Tensor, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-        features = preprocess_obs(obs, policy.observation_space, normalize_images=policy.normalize_images)
-        assert isinstance(features, th.Tensor)  # FlattenExtractor: not a dict observation space
-        hidden = features.flatten(1)
+        def features(obs: np.ndarray) -> np.ndarray:
+            return _numpy(preprocess_obs(th.as_tensor(obs), space, normalize_images=policy.normalize_images))
+
+    def forward(obs: np.ndarray, deterministic: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        hidden = features(obs).reshape(len(obs), -1)  # FlattenExtractor
         for weight_t, bias, activation in layers:
-            hidden = th.addmm(bias, hidden, weight_t)
+            hidden = hidden @ weight_t + bias
             if activation is not None:
                 hidden = activation(hidden)
-        output = th.addmm(head_bias, hidden, head_weight_t)
-        head, values = output[:, :action_size], output[:, action_size:]
-
+        output = hidden @ head_weight_t + head_bias
+        head, values = output[:, :action_size], output[:, action_size]
         actions, log_prob = sample(head, hidden, deterministic)
         return actions.reshape((-1, *action_shape)), values, log_prob
 
     return forward
 
 
-@contextmanager
-def lean_rollout_forward(policy: ActorCriticPolicy) -> Iterator[bool]:
+def collect_rollouts(
+    model: OnPolicyAlgorithm,
+    forward: Forward,
+    env: VecEnv,
+    callback: BaseCallback,
+    rollout_buffer: RolloutBuffer,
+    n_rollout_steps: int,
+) -> bool:
     """
-    Within the block, ``policy(obs)`` runs :func:`fused_forward` when the policy allows it.
+    ``OnPolicyAlgorithm.collect_rollouts`` step for step (gSDE resampling, action clipping, callbacks and their
+    ``locals``, episode statistics, timeout bootstrapping, the buffer's ``add`` and returns), with the policy call
+    replaced by ``forward`` from :func:`fused_forward`.
 
-    :param policy: The policy, whose weights must not change inside the block
-    :return: Whether the lean forward is in use
+    :param model: The algorithm whose policy ``forward`` was built from
+    :param forward: The fused policy call
+    :param env: The training environment
+    :param callback: Callback called at each step and at the start and end of the rollout
+    :param rollout_buffer: Buffer to fill
+    :param n_rollout_steps: Number of experiences to collect per environment
+    :return: ``False`` if a callback stopped the rollout early
     """
-    forward = fused_forward(policy)
-    if forward is None:
-        yield False
-        return
-    policy.forward = forward  # type: ignore[method-assign]
-    try:
-        yield True
-    finally:
-        del policy.forward
+    assert model._last_obs is not None, "No previous observation was provided"
+    policy = model.policy
+    policy.set_training_mode(False)
+    n_steps = 0
+    rollout_buffer.reset()
+    if model.use_sde:
+        policy.reset_noise(env.num_envs)
+    callback.on_rollout_start()
+    action_space = model.action_space
+    clip = isinstance(action_space, spaces.Box)
+    discrete = isinstance(action_space, spaces.Discrete)
+
+    while n_steps < n_rollout_steps:
+        if model.use_sde and model.sde_sample_freq > 0 and n_steps % model.sde_sample_freq == 0:
+            policy.reset_noise(env.num_envs)
+        obs = model._last_obs
+        actions, values, log_probs = forward(obs, False)  # type: ignore[arg-type]
+        clipped_actions = np.clip(actions, action_space.low, action_space.high) if clip else actions  # type: ignore[attr-defined]
+        new_obs, rewards, dones, infos = env.step(clipped_actions)
+        model.num_timesteps += env.num_envs
+
+        # What SB3's loop exposes to callbacks, under the same names and types.
+        locals_: dict[str, Any] = {
+            "self": model,
+            "env": env,
+            "callback": callback,
+            "rollout_buffer": rollout_buffer,
+            "n_rollout_steps": n_rollout_steps,
+            "n_steps": n_steps,
+            "obs_tensor": th.from_numpy(np.asarray(obs)),
+            "actions": actions,
+            "values": th.from_numpy(values).unsqueeze(1),
+            "log_probs": th.from_numpy(log_probs),
+            "clipped_actions": clipped_actions,
+            "new_obs": new_obs,
+            "rewards": rewards,
+            "dones": dones,
+            "infos": infos,
+        }
+        callback.update_locals(locals_)
+        if not callback.on_step():
+            return False
+        model._update_info_buffer(infos, dones)
+        n_steps += 1
+        if discrete:
+            actions = actions.reshape(-1, 1)
+
+        # Timeouts are not terminations: bootstrap with the value of the observation the episode was cut at.
+        for idx, done in enumerate(dones):
+            info = infos[idx]
+            if done and info.get("terminal_observation") is not None and info.get("TimeLimit.truncated", False):
+                terminal_obs = policy.obs_to_tensor(info["terminal_observation"])[0]
+                with th.no_grad():
+                    terminal_value = policy.predict_values(terminal_obs)[0]  # type: ignore[arg-type]
+                rewards[idx] += model.gamma * terminal_value
+
+        rollout_buffer.add(
+            obs,  # type: ignore[arg-type]
+            actions,
+            rewards,
+            model._last_episode_starts,  # type: ignore[arg-type]
+            locals_["values"],
+            locals_["log_probs"],
+        )
+        model._last_obs = new_obs  # type: ignore[assignment]
+        model._last_episode_starts = dones
+
+    with th.no_grad():
+        last_values = policy.predict_values(obs_as_tensor(new_obs, model.device))  # type: ignore[arg-type]
+    rollout_buffer.compute_returns_and_advantage(last_values=last_values, dones=dones)
+    callback.update_locals({**locals_, "values": last_values})
+    callback.on_rollout_end()
+    return True
