@@ -3,7 +3,7 @@ Speed of our TRPO against ``sb3_contrib.TRPO``, measured side by side in one pro
 
 Usage (from the repository root, after ``pip install -e ".[benchmarks]"``)::
 
-    python benchmarks/speed.py                 # full run, about 25 minutes on 2 cores
+    python benchmarks/speed.py                 # full run, about 15 minutes on 2 cores
     python benchmarks/speed.py --quick         # smoke run with tiny budgets
 
 Parts, each alternating ours / sb3-contrib over ``--repeats`` repeats and reporting medians and ratios:
@@ -12,7 +12,8 @@ Parts, each alternating ours / sb3-contrib over ``--repeats`` repeats and report
    hyperparameters for CartPole-v1, Pendulum-v1 and HalfCheetah (plus an 8192-sample batch);
 2. end-to-end ``learn()`` steps per second, with the final deterministic evaluation return of each run;
 3. the raw speed of the same vectorised environment with random actions, the ceiling for 2.;
-4. where our ``learn()`` spends its time.
+4. where our ``learn()`` spends its time;
+5. our ``train()`` and ``learn()`` with 1 and 2 torch threads.
 
 Results: ``benchmarks/results/speed.{md,csv,png}``.
 """
@@ -41,7 +42,8 @@ from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
 import sb3_trpo_ext
 from sb3_trpo_ext import TRPO
-from sb3_trpo_ext.common import rollout, trust_region
+from sb3_trpo_ext import trpo as trpo_module
+from sb3_trpo_ext.common import trust_region
 
 # One thread: on 2 shared cores, 2 threads measured 4-7x slower under load (developers' brief); our own check
 # on this machine agreed for batch-2 rollouts. Both algorithms run with the same setting.
@@ -248,7 +250,7 @@ def profile(env_id: str, budget: int) -> list[dict]:
     totals: dict[str, float] = defaultdict(float)
     env = model.get_env()
     patches: list[tuple[Any, str, str]] = [
-        (rollout, "fused_forward", "rollout: policy call"),
+        (trpo_module, "fused_forward", "rollout: policy call"),
         (env, "step", "rollout: env step (incl. VecEnv wrappers)"),
         (trust_region, "conjugate_gradient", "train: FVP + conjugate gradient"),
         (trust_region, "backtracking_line_search", "train: line search"),
@@ -266,6 +268,46 @@ def profile(env_id: str, budget: int) -> list[dict]:
         dict(part="profile", case=env_id, component=key, seconds=value, share=value / total) for key, value in totals.items()
     ]
     rows.append(dict(part="profile", case=env_id, component="learn: total", seconds=total, share=1.0))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. torch threads
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def thread_scaling(repeats: int, budget: int) -> list[dict]:
+    """Our ``train()`` (HalfCheetah config, batches 2048 and 8192) and ``learn()`` (CartPole) at 1 and 2 threads."""
+    rows = []
+    for n_steps in (1024, 4096):
+        env = make_env("HalfCheetah-v5", seed=0)
+        model = TRPO("MlpPolicy", env, seed=0, **{**ZOO["HalfCheetah-v5"]["kwargs"], "n_steps": n_steps})
+        model.set_logger(Logger(folder=None, output_formats=[]))
+        model._setup_learn(10**9, None)
+        model.collect_rollouts(model.env, model._init_callback(None), model.rollout_buffer, model.n_steps)
+        initial = copy.deepcopy(model.policy.state_dict())
+        times: dict[int, list[float]] = defaultdict(list)
+        for _ in range(repeats + 1):
+            for threads in (1, 2):
+                th.set_num_threads(threads)
+                model.policy.load_state_dict(initial)
+                start = time.perf_counter()
+                model.train()
+                times[threads].append(time.perf_counter() - start)
+        for threads, values in times.items():
+            rows.append(dict(part="threads", case=f"train(), HalfCheetah-v5, batch {2 * n_steps}", threads=threads,
+                             median_s=median(values[1:])))  # fmt: skip
+    times = defaultdict(list)
+    for _ in range(max(1, repeats // 2)):
+        for threads in (1, 2):
+            th.set_num_threads(threads)
+            model = TRPO("MlpPolicy", make_env("CartPole-v1", seed=0), seed=0, **ZOO["CartPole-v1"]["kwargs"])
+            start = time.perf_counter()
+            model.learn(budget)
+            times[threads].append(time.perf_counter() - start)
+    for threads, values in times.items():
+        rows.append(dict(part="threads", case=f"learn({budget}), CartPole-v1", threads=threads, median_s=median(values)))
+    th.set_num_threads(1)
     return rows
 
 
@@ -337,7 +379,7 @@ def plot(train_rows: list[dict], learn_summary: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_markdown(command: str, train_rows, learn_summary, profile_rows, elapsed: float, path: Path) -> None:
+def write_markdown(command: str, train_rows, learn_summary, profile_rows, thread_rows, elapsed: float, path: Path) -> None:
     import sb3_contrib
     import stable_baselines3
 
@@ -394,6 +436,16 @@ def write_markdown(command: str, train_rows, learn_summary, profile_rows, elapse
     ]
     for r in profile_rows:
         lines.append(f"| {r['case']} | {r['component']} | {r['seconds']:.2f} | {100 * r['share']:.0f}% |")
+    lines += [
+        "",
+        "## torch threads (ours)",
+        "",
+        "| case | 1 thread (s) | 2 threads (s) | 2 threads vs 1 |",
+        "|---|---|---|---|",
+    ]
+    for case in dict.fromkeys(r["case"] for r in thread_rows):
+        one, two = (next(r["median_s"] for r in thread_rows if r["case"] == case and r["threads"] == n) for n in (1, 2))
+        lines.append(f"| {case} | {one:.3f} | {two:.3f} | {one / two:.2f}x |")
     lines += ["", "![speed](speed.png)", ""]
     path.write_text("\n".join(lines))
 
@@ -424,14 +476,16 @@ def main() -> None:
     profile_rows: list[dict] = []
     for env_id in ZOO:
         profile_rows += profile(env_id, args.budget)
+    thread_rows = thread_scaling(args.repeats, args.budget)
 
     elapsed = time.perf_counter() - started
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     write_csv(train_rows, args.out / "speed_train.csv")
     write_csv(learn_rows, args.out / "speed_learn.csv")
     write_csv(profile_rows, args.out / "speed_profile.csv")
+    write_csv(thread_rows, args.out / "speed_threads.csv")
     plot(train_rows, learn_summary, args.out / "speed.png")
-    write_markdown(command, train_rows, learn_summary, profile_rows, elapsed, args.out / "speed.md")
+    write_markdown(command, train_rows, learn_summary, profile_rows, thread_rows, elapsed, args.out / "speed.md")
     print((args.out / "speed.md").read_text())
 
 
