@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common import utils as sb3_utils
@@ -615,7 +616,9 @@ class TRPO(OnPolicyAlgorithm):
         self.logger.record("train/numerical_fault", float(stats.fault is not None))
         self.logger.record("train/critic_fault", float(critic_fault))
         self.logger.record("train/value_loss", value_loss)
-        self.logger.record("train/explained_variance", explained_variance(buffer.values.flatten(), buffer.returns.flatten()))
+        finite = np.isfinite(buffer.returns).all()  # NumPy would warn on a faulty rollout's returns
+        ev = explained_variance(buffer.values.flatten(), buffer.returns.flatten()) if finite else float("nan")
+        self.logger.record("train/explained_variance", ev)
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
