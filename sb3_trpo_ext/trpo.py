@@ -3,6 +3,7 @@
 import io
 import math
 import pathlib
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -218,30 +219,33 @@ class TRPO(OnPolicyAlgorithm):
         _init_setup_model: bool = True,
         **kwargs: Any,
     ):
-        # Keyword arguments only PPO takes end up here: refuse them by name instead of ignoring them.
+        # Keyword arguments only PPO takes end up here: refuse them by name instead of ignoring them. The checks
+        # return plain Python numbers, so that NumPy scalars reach neither SB3 nor a saved checkpoint.
         check_no_foreign_arguments(kwargs)
         self._check_policy_argument(policy)
-        check_schedule("learning_rate", learning_rate)
-        check_int("n_steps", n_steps, low=1)
-        check_int("batch_size", batch_size, low=1)
-        check_float("gamma", gamma, 0.0, 1.0)
-        check_int("cg_max_steps", cg_max_steps, low=1)
-        check_float("cg_damping", cg_damping, low=0.0)
-        check_float("line_search_shrinking_factor", line_search_shrinking_factor, 0.0, 1.0, low_open=True, high_open=True)
-        check_int("line_search_max_iter", line_search_max_iter, low=1)
-        check_int("n_critic_updates", n_critic_updates, low=0)
-        check_float("gae_lambda", gae_lambda, 0.0, 1.0)
-        check_bool("use_sde", use_sde)
-        check_int("sde_sample_freq", sde_sample_freq, low=-1)
-        check_bool("normalize_advantage", normalize_advantage)
-        check_target_kl(target_kl)
-        check_int("sub_sampling_factor", sub_sampling_factor, low=1)
-        check_float("ent_coef", ent_coef, low=0.0)
-        check_int("fisher_sub_sampling_factor", fisher_sub_sampling_factor, low=1)
-        check_float("cg_residual_tol", cg_residual_tol, low=0.0)
-        check_float("line_search_accept_ratio", line_search_accept_ratio, 0.0, 1.0, high_open=True)
-        check_int("stats_window_size", stats_window_size, low=1)
-        check_int("verbose", verbose, low=0, high=2)
+        learning_rate = check_schedule("learning_rate", learning_rate)
+        n_steps = check_int("n_steps", n_steps, low=1)
+        batch_size = check_int("batch_size", batch_size, low=1)
+        gamma = check_float("gamma", gamma, 0.0, 1.0)
+        cg_max_steps = check_int("cg_max_steps", cg_max_steps, low=1)
+        cg_damping = check_float("cg_damping", cg_damping, low=0.0)
+        line_search_shrinking_factor = check_float(
+            "line_search_shrinking_factor", line_search_shrinking_factor, 0.0, 1.0, low_open=True, high_open=True
+        )
+        line_search_max_iter = check_int("line_search_max_iter", line_search_max_iter, low=1)
+        n_critic_updates = check_int("n_critic_updates", n_critic_updates, low=0)
+        gae_lambda = check_float("gae_lambda", gae_lambda, 0.0, 1.0)
+        use_sde = check_bool("use_sde", use_sde)
+        sde_sample_freq = check_int("sde_sample_freq", sde_sample_freq, low=-1)
+        normalize_advantage = check_bool("normalize_advantage", normalize_advantage)
+        target_kl = check_target_kl(target_kl)
+        sub_sampling_factor = check_int("sub_sampling_factor", sub_sampling_factor, low=1)
+        ent_coef = check_float("ent_coef", ent_coef, low=0.0)
+        fisher_sub_sampling_factor = check_int("fisher_sub_sampling_factor", fisher_sub_sampling_factor, low=1)
+        cg_residual_tol = check_float("cg_residual_tol", cg_residual_tol, low=0.0)
+        line_search_accept_ratio = check_float("line_search_accept_ratio", line_search_accept_ratio, 0.0, 1.0, high_open=True)
+        stats_window_size = check_int("stats_window_size", stats_window_size, low=1, high=sys.maxsize)  # a deque's maxlen
+        verbose = check_int("verbose", verbose, low=0, high=2)
         check_optional_dict("policy_kwargs", policy_kwargs)
         check_optional_dict("rollout_buffer_kwargs", rollout_buffer_kwargs)
         check_optional_subclass("rollout_buffer_class", rollout_buffer_class, RolloutBuffer)
@@ -291,6 +295,12 @@ class TRPO(OnPolicyAlgorithm):
                     f"of {', '.join(s.__name__ for s in SUPPORTED_ACTION_SPACES)}"
                 )
             buffer_size = self.n_envs * n_steps
+            for name, factor in (
+                ("sub_sampling_factor", sub_sampling_factor),
+                ("fisher_sub_sampling_factor", fisher_sub_sampling_factor),
+            ):
+                # Beyond the rollout size every factor keeps one sample; torch's slicing overflows for huge ones.
+                check_int(name, factor, low=1, high=buffer_size)
             if normalize_advantage and buffer_size <= 1:
                 raise ValueError(
                     f"`n_steps * n_envs` must be > 1 when `normalize_advantage=True` (the advantage std is undefined "

@@ -132,3 +132,11 @@ def test_finite_training_is_not_affected_by_the_checks(recording_logger):
     faults = [row["train/numerical_fault"] for row in rows if "train/numerical_fault" in row]
     assert faults == [0.0] * 4
     assert np.isfinite([row["train/value_loss"] for row in rows if "train/value_loss" in row]).all()
+
+
+def test_candidate_steps_that_make_the_distribution_invalid_are_rejected_not_raised():
+    # Found by tests/test_bad_inputs.py: a huge trust region lets candidate steps drive the Gaussian's standard
+    # deviation to 0, which torch refuses to build a distribution from.
+    model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=16, batch_size=8, normalize_advantage=False, target_kl=21135.0, seed=0)
+    model.learn(5 * 16)
+    assert all(th.isfinite(p).all() for p in model.policy.parameters())

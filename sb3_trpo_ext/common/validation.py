@@ -85,12 +85,13 @@ def check_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def check_schedule(name: str, value: Any) -> None:
+def check_schedule(name: str, value: Any) -> Any:
     """
     Check a learning-rate-like argument: a positive finite number or a callable of the remaining progress.
 
     :param name: Argument name used in the error message
     :param value: Value to check
+    :return: The value, a number as a Python ``float``
     """
     if callable(value):
         # A schedule that fails or returns garbage would only show up at the first update: call it now.
@@ -99,8 +100,8 @@ def check_schedule(name: str, value: Any) -> None:
         except Exception as error:
             raise ValueError(f"`{name}` is callable but failed on the initial progress 1.0: {error!r}") from error
         check_float(f"{name}(1.0)", initial, low=0.0)
-        return
-    check_float(name, value, low=0.0, low_open=True)
+        return value
+    return check_float(name, value, low=0.0, low_open=True)
 
 
 # Constructor arguments of ``stable_baselines3.PPO`` that TRPO has no use for, and what to use instead. Silently
