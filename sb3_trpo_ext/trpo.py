@@ -6,7 +6,7 @@ import pathlib
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import numpy as np
 import torch as th
@@ -426,15 +426,17 @@ class TRPO(OnPolicyAlgorithm):
         :param exact_match: Require an entry for every module and optimizer
         :param device: Device to load the parameters to
         """
-        params = load_path_or_dict
-        if not isinstance(params, dict):
-            _, params, _ = load_from_zip_file(params, device=device, load_data=False)
-            assert params is not None
-        saved = params.get("policy.optimizer")
+        params: dict[str, Any]
+        if isinstance(load_path_or_dict, dict):
+            params = load_path_or_dict
+        else:
+            _, loaded, _ = load_from_zip_file(load_path_or_dict, device=device, load_data=False)
+            assert loaded is not None
+            params = loaded
+        saved = cast("dict[str, Any] | None", params.get("policy.optimizer"))
         all_params = list(self.policy.parameters())
-        if saved is not None and sum(len(group["params"]) for group in saved["param_groups"]) == len(all_params) != len(
-            self._critic_params
-        ):
+        n_saved = 0 if saved is None else sum(len(group["params"]) for group in saved["param_groups"])
+        if saved is not None and n_saved == len(all_params) != len(self._critic_params):
             template = self.policy.optimizer.state_dict()
             params = {**params, "policy.optimizer": critic_optimizer_state(saved, all_params, self._critic_params, template)}
         super().set_parameters(params, exact_match=exact_match, device=device)
