@@ -139,7 +139,28 @@ def nan_objective_after_step(monkeypatch):
     monkeypatch.setattr(TRPO, "surrogate_objective", surrogate)
 
 
+def poisoned_surrogate(monkeypatch, poison):
+    original = TRPO.surrogate_objective
+
+    def surrogate(self, actions, old_log_prob, advantages):
+        objective = original(self, actions, old_log_prob, advantages)
+        return lambda distribution: poison(objective(distribution), distribution.log_prob(actions))
+
+    monkeypatch.setattr(TRPO, "surrogate_objective", surrogate)
+
+
+def nan_objective(monkeypatch):
+    poisoned_surrogate(monkeypatch, lambda value, log_prob: value * float("nan"))
+
+
+def nan_gradient(monkeypatch):
+    # sqrt at 0: the value stays finite, its derivative is infinite, and 0 * inf is NaN.
+    poisoned_surrogate(monkeypatch, lambda value, log_prob: value + 0.0 * th.sqrt(log_prob.mean() - log_prob.mean().detach()))
+
+
 FAULTS = {
+    "nan-objective": ("non-finite surrogate objective", None, nan_objective),
+    "nan-gradient": ("non-finite policy gradient", None, nan_gradient),
     "nan-advantage": ("non-finite advantages in the rollout", nan_advantage, None),
     "nan-fisher": ("non-finite search direction", None, nan_fisher),
     "non-positive-sFs": ("non-positive", None, negative_fisher),
