@@ -1,11 +1,17 @@
 """Trust Region Policy Optimization for Stable-Baselines3."""
 
+import io
+import math
+import pathlib
+import sys
 import warnings
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
+import numpy as np
 import torch as th
 from gymnasium import spaces
+from stable_baselines3.common import utils as sb3_utils
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import Distribution
@@ -17,6 +23,7 @@ from stable_baselines3.common.policies import (
     BasePolicy,
     MultiInputActorCriticPolicy,
 )
+from stable_baselines3.common.save_util import load_from_zip_file
 from stable_baselines3.common.type_aliases import (
     DictRolloutBufferSamples,
     GymEnv,
@@ -30,7 +37,22 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 from torch.nn import functional as F
 
+from sb3_trpo_ext.common.checkpoints import (
+    CONTRIB_TRPO,
+    PPO,
+    checkpoint_keys,
+    checkpoint_writer,
+    critic_optimizer_state,
+    translated_checkpoint,
+)
 from sb3_trpo_ext.common.critic import regress_mlp
+from sb3_trpo_ext.common.faults import (
+    NonFiniteObservationCheck,
+    ParameterSnapshot,
+    non_finite_tensors,
+    optimizer_tensors,
+    rollout_fault,
+)
 from sb3_trpo_ext.common.mlp import LinearChain, critic_chain
 from sb3_trpo_ext.common.rollout import collect_rollouts, fused_forward
 from sb3_trpo_ext.common.trust_region import (
@@ -39,7 +61,20 @@ from sb3_trpo_ext.common.trust_region import (
     distribution_statistics,
     trust_region_update,
 )
-from sb3_trpo_ext.common.validation import check_bool, check_float, check_int, check_schedule
+from sb3_trpo_ext.common.validation import (
+    check_bool,
+    check_device,
+    check_float,
+    check_int,
+    check_no_foreign_arguments,
+    check_optional_dict,
+    check_optional_int,
+    check_optional_path,
+    check_optional_subclass,
+    check_policy_fits_env,
+    check_schedule,
+    check_target_kl,
+)
 
 SelfTRPO = TypeVar("SelfTRPO", bound="TRPO")
 
@@ -184,64 +219,90 @@ class TRPO(OnPolicyAlgorithm):
         seed: int | None = None,
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
+        **kwargs: Any,
     ):
-        if isinstance(policy, type) and not issubclass(policy, ActorCriticPolicy):
-            raise TypeError(f"`policy` must be an ActorCriticPolicy subclass or one of {list(self.policy_aliases)}")
-        check_schedule("learning_rate", learning_rate)
-        check_int("n_steps", n_steps, low=1)
-        check_int("batch_size", batch_size, low=1)
-        check_float("gamma", gamma, 0.0, 1.0)
-        check_int("cg_max_steps", cg_max_steps, low=1)
-        check_float("cg_damping", cg_damping, low=0.0)
-        check_float("line_search_shrinking_factor", line_search_shrinking_factor, 0.0, 1.0, low_open=True, high_open=True)
-        check_int("line_search_max_iter", line_search_max_iter, low=1)
-        check_int("n_critic_updates", n_critic_updates, low=0)
-        check_float("gae_lambda", gae_lambda, 0.0, 1.0)
-        check_bool("use_sde", use_sde)
-        check_int("sde_sample_freq", sde_sample_freq, low=-1)
-        check_bool("normalize_advantage", normalize_advantage)
-        check_float("target_kl", target_kl, low=0.0, low_open=True)
-        check_int("sub_sampling_factor", sub_sampling_factor, low=1)
-        check_float("ent_coef", ent_coef, low=0.0)
-        check_int("fisher_sub_sampling_factor", fisher_sub_sampling_factor, low=1)
-        check_float("cg_residual_tol", cg_residual_tol, low=0.0)
-        check_float("line_search_accept_ratio", line_search_accept_ratio, 0.0, 1.0, high_open=True)
-        check_int("stats_window_size", stats_window_size, low=1)
-        check_int("verbose", verbose, low=0, high=2)
-        if policy_kwargs is not None and not isinstance(policy_kwargs, dict):
-            raise TypeError(f"`policy_kwargs` must be a dict or None, got {type(policy_kwargs).__name__}")
-        if rollout_buffer_kwargs is not None and not isinstance(rollout_buffer_kwargs, dict):
-            raise TypeError(f"`rollout_buffer_kwargs` must be a dict or None, got {type(rollout_buffer_kwargs).__name__}")
-
-        super().__init__(
-            policy,
-            env,
-            learning_rate=learning_rate,
-            n_steps=n_steps,
-            gamma=gamma,
-            gae_lambda=gae_lambda,
-            ent_coef=ent_coef,
-            vf_coef=0.0,  # the critic has its own regression, not a weighted term of one loss
-            max_grad_norm=0.0,  # the trust region bounds the actor step; no gradient clipping
-            use_sde=use_sde,
-            sde_sample_freq=sde_sample_freq,
-            rollout_buffer_class=rollout_buffer_class,
-            rollout_buffer_kwargs=rollout_buffer_kwargs,
-            stats_window_size=stats_window_size,
-            tensorboard_log=tensorboard_log,
-            policy_kwargs=policy_kwargs,
-            verbose=verbose,
-            device=device,
-            seed=seed,
-            _init_setup_model=False,
+        # Keyword arguments only PPO takes end up here: refuse them by name instead of ignoring them. The checks
+        # return plain Python numbers, so that NumPy scalars reach neither SB3 nor a saved checkpoint.
+        check_no_foreign_arguments(kwargs)
+        self._check_policy_argument(policy)
+        learning_rate = check_schedule("learning_rate", learning_rate)
+        n_steps = check_int("n_steps", n_steps, low=1)
+        batch_size = check_int("batch_size", batch_size, low=1)
+        gamma = check_float("gamma", gamma, 0.0, 1.0)
+        cg_max_steps = check_int("cg_max_steps", cg_max_steps, low=1)
+        cg_damping = check_float("cg_damping", cg_damping, low=0.0)
+        line_search_shrinking_factor = check_float(
+            "line_search_shrinking_factor", line_search_shrinking_factor, 0.0, 1.0, low_open=True, high_open=True
         )
+        line_search_max_iter = check_int("line_search_max_iter", line_search_max_iter, low=1)
+        n_critic_updates = check_int("n_critic_updates", n_critic_updates, low=0)
+        gae_lambda = check_float("gae_lambda", gae_lambda, 0.0, 1.0)
+        use_sde = check_bool("use_sde", use_sde)
+        sde_sample_freq = check_int("sde_sample_freq", sde_sample_freq, low=-1)
+        normalize_advantage = check_bool("normalize_advantage", normalize_advantage)
+        target_kl = check_target_kl(target_kl)
+        sub_sampling_factor = check_int("sub_sampling_factor", sub_sampling_factor, low=1)
+        ent_coef = check_float("ent_coef", ent_coef, low=0.0)
+        fisher_sub_sampling_factor = check_int("fisher_sub_sampling_factor", fisher_sub_sampling_factor, low=1)
+        cg_residual_tol = check_float("cg_residual_tol", cg_residual_tol, low=0.0)
+        line_search_accept_ratio = check_float("line_search_accept_ratio", line_search_accept_ratio, 0.0, 1.0, high_open=True)
+        stats_window_size = check_int("stats_window_size", stats_window_size, low=1, high=sys.maxsize)  # a deque's maxlen
+        verbose = check_int("verbose", verbose, low=0, high=2)
+        check_optional_dict("policy_kwargs", policy_kwargs)
+        check_optional_dict("rollout_buffer_kwargs", rollout_buffer_kwargs)
+        check_optional_subclass("rollout_buffer_class", rollout_buffer_class, RolloutBuffer)
+        check_optional_int("seed", seed, low=0, high=2**32 - 1)  # NumPy's seed range
+        check_optional_path("tensorboard_log", tensorboard_log)
+        if tensorboard_log is not None and sb3_utils.SummaryWriter is None:
+            # SB3 would only fail at the start of learn().
+            raise ValueError("`tensorboard_log` is set but tensorboard is not installed: `pip install tensorboard`")
+        check_device(device)
+
+        try:
+            super().__init__(
+                policy,
+                env,
+                learning_rate=learning_rate,
+                n_steps=n_steps,
+                gamma=gamma,
+                gae_lambda=gae_lambda,
+                ent_coef=ent_coef,
+                vf_coef=0.0,  # the critic has its own regression, not a weighted term of one loss
+                max_grad_norm=0.0,  # the trust region bounds the actor step; no gradient clipping
+                use_sde=use_sde,
+                sde_sample_freq=sde_sample_freq,
+                rollout_buffer_class=rollout_buffer_class,
+                rollout_buffer_kwargs=rollout_buffer_kwargs,
+                stats_window_size=stats_window_size,
+                tensorboard_log=tensorboard_log,
+                policy_kwargs=policy_kwargs,
+                verbose=verbose,
+                device=device,
+                seed=seed,
+                _init_setup_model=False,
+            )
+        except ValueError as error:
+            # Name the argument in SB3's own checks of the environment.
+            if use_sde and "gSDE" in str(error):
+                raise ValueError(f"`use_sde=True` needs a Box action space, got {self.action_space}") from error
+            if "MultiInputPolicy" in str(error):
+                raise ValueError(f"`policy`: {error}") from error
+            raise
+
         if self.env is not None:
+            check_policy_fits_env(policy, self.observation_space, policy_kwargs or {}, rollout_buffer_class)
             if not isinstance(self.action_space, SUPPORTED_ACTION_SPACES):
                 raise TypeError(
                     f"TRPO does not support the action space {self.action_space}: the env's action space must be one "
                     f"of {', '.join(s.__name__ for s in SUPPORTED_ACTION_SPACES)}"
                 )
             buffer_size = self.n_envs * n_steps
+            for name, factor in (
+                ("sub_sampling_factor", sub_sampling_factor),
+                ("fisher_sub_sampling_factor", fisher_sub_sampling_factor),
+            ):
+                # Beyond the rollout size every factor keeps one sample; torch's slicing overflows for huge ones.
+                check_int(name, factor, low=1, high=buffer_size)
             if normalize_advantage and buffer_size <= 1:
                 raise ValueError(
                     f"`n_steps * n_envs` must be > 1 when `normalize_advantage=True` (the advantage std is undefined "
@@ -270,6 +331,20 @@ class TRPO(OnPolicyAlgorithm):
 
         if _init_setup_model:
             self._setup_model()
+
+    @classmethod
+    def _check_policy_argument(cls, policy: Any) -> None:
+        """
+        Check ``policy``: one of the aliases or an ``ActorCriticPolicy`` subclass.
+
+        :param policy: The ``policy`` argument
+        """
+        allowed = f"an ActorCriticPolicy subclass or one of {list(cls.policy_aliases)}"
+        if isinstance(policy, str):
+            if policy not in cls.policy_aliases:
+                raise ValueError(f"`policy` must be {allowed}, got {policy!r}")
+        elif not (isinstance(policy, type) and issubclass(policy, ActorCriticPolicy)):
+            raise TypeError(f"`policy` must be {allowed}, got {policy!r}")
 
     def _setup_model(self) -> None:
         super()._setup_model()
@@ -301,6 +376,77 @@ class TRPO(OnPolicyAlgorithm):
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_actor_params", "_critic_params"]
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfTRPO],
+        path: str | pathlib.Path | io.BufferedIOBase,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfTRPO:
+        """
+        Load a model from a zip file written by this class, by ``stable_baselines3.PPO`` or by ``sb3_contrib.TRPO``.
+
+        A foreign checkpoint's weights load unchanged (same ``predict``); its constructor data is mapped (see
+        :func:`sb3_trpo_ext.common.checkpoints.translate_data`, each change is reported in a ``UserWarning``) and
+        the optimizer keeps the critic's part of its state. Keyword arguments override the stored values, as in SB3.
+
+        :param path: Path to the file (or a file-like object)
+        :param env: Environment the model will run on (may be ``None`` for prediction only)
+        :param device: Device on which the code should run
+        :param custom_objects: Objects to substitute when unpickling, as in SB3
+        :param print_system_info: Print the system info of the saved model and of this machine
+        :param force_reset: Reset the environment before the next ``learn()``
+        :param kwargs: Attributes to set on the model, overriding the stored ones
+        :return: The model
+        """
+        writer = checkpoint_writer(checkpoint_keys(path))
+        notes: list[str] = []
+        if writer in (PPO, CONTRIB_TRPO):
+            path, notes = translated_checkpoint(path, writer, custom_objects)
+        model = super().load(path, env, device, custom_objects, print_system_info, force_reset, **kwargs)
+        notes = [note for note in notes if note.split("=")[0] not in kwargs]  # the caller chose those values
+        if notes:
+            warnings.warn(f"Loaded a {writer} checkpoint into TRPO: {'; '.join(notes)}.", stacklevel=2)
+        return model
+
+    def set_parameters(
+        self,
+        load_path_or_dict: str | pathlib.Path | io.BufferedIOBase | dict[str, Any],
+        exact_match: bool = True,
+        device: th.device | str = "auto",
+    ) -> None:
+        """
+        As SB3's, and also accepts the optimizer state of PPO and ``sb3_contrib.TRPO``, whose optimizer holds every
+        policy parameter: each critic parameter keeps its state, the actor's is dropped.
+
+        :param load_path_or_dict: Checkpoint or the dict of its parameters
+        :param exact_match: Require an entry for every module and optimizer
+        :param device: Device to load the parameters to
+        """
+        params: dict[str, Any]
+        if isinstance(load_path_or_dict, dict):
+            params = load_path_or_dict
+        else:
+            _, loaded, _ = load_from_zip_file(load_path_or_dict, device=device, load_data=False)
+            assert loaded is not None
+            params = loaded
+        saved = cast("dict[str, Any] | None", params.get("policy.optimizer"))
+        all_params = list(self.policy.parameters())
+        n_saved = 0 if saved is None else sum(len(group["params"]) for group in saved["param_groups"])
+        if saved is not None and n_saved == len(all_params) != len(self._critic_params):
+            template = self.policy.optimizer.state_dict()
+            params = {**params, "policy.optimizer": critic_optimizer_state(saved, all_params, self._critic_params, template)}
+        super().set_parameters(params, exact_match=exact_match, device=device)
+
+    def _init_callback(self, callback: MaybeCallback, progress_bar: bool = False) -> BaseCallback:
+        # The observation check runs first, so that neither the user's callbacks nor the policy see a NaN.
+        callbacks = [] if callback is None else list(callback) if isinstance(callback, list) else [callback]
+        return super()._init_callback([NonFiniteObservationCheck(), *callbacks], progress_bar)
 
     @property
     def trust_region_config(self) -> TrustRegionConfig:
@@ -440,6 +586,21 @@ class TRPO(OnPolicyAlgorithm):
                 param.requires_grad_(True)
         return th.stack(losses).mean().item() if losses else float("nan")
 
+    def _critic_fault(self, value_loss: float) -> str | None:
+        """
+        Why the critic regression that just ran must be undone, or ``None``.
+
+        :param value_loss: What :meth:`_critic_step` returned
+        :return: The cause
+        """
+        if self.n_critic_updates > 0 and not math.isfinite(value_loss):
+            return f"non-finite value loss ({value_loss})"
+        if non_finite_tensors(self._critic_params):
+            return "non-finite critic parameters after the critic regression"
+        if non_finite_tensors(optimizer_tensors(self.policy.optimizer)):
+            return "non-finite critic optimizer state after the critic regression"
+        return None
+
     def collect_rollouts(
         self,
         env: VecEnv,
@@ -457,15 +618,35 @@ class TRPO(OnPolicyAlgorithm):
         return collect_rollouts(self, forward, env, callback, rollout_buffer, n_rollout_steps)
 
     def train(self) -> None:
-        """Update the actor with one trust-region step, then regress the critic."""
+        """
+        Update the actor with one trust-region step, then regress the critic. The update is all or nothing: a
+        numerical fault anywhere (see :mod:`sb3_trpo_ext.common.faults`) leaves every parameter and the critic
+        optimizer's state as they were, with a warning and ``train/numerical_fault = 1``.
+        """
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
 
         rollout = next(self.rollout_buffer.get(batch_size=None))
-        stats = self._policy_step(rollout)
-        if stats.fault is not None:
-            warnings.warn(f"TRPO skipped the policy step, parameters unchanged: {stats.fault}", stacklevel=2)
-        value_loss = self._critic_step(rollout)
+        value_loss, critic_fault = float("nan"), False
+        fault = rollout_fault(self.rollout_buffer)
+        if fault is not None:
+            stats = TrustRegionStats(objective=float("nan"), fault=fault)
+        else:
+            snapshot = ParameterSnapshot.take([*self._actor_params, *self._critic_params], self.policy.optimizer)
+            stats = self._policy_step(rollout)  # leaves the actor bit-identical itself on a fault
+            if stats.fault is None:
+                value_loss = self._critic_step(rollout)
+                fault = self._critic_fault(value_loss)
+                if fault is not None:
+                    snapshot.restore()
+                    critic_fault = True
+                    stats = TrustRegionStats(objective=float("nan"), fault=fault)
+            fault = stats.fault
+        if fault is not None:
+            warnings.warn(
+                f"TRPO skipped update {self._n_updates + 1} ({fault}): every parameter and the optimizer state are unchanged",
+                stacklevel=2,
+            )
         self._n_updates += 1
 
         buffer = self.rollout_buffer
@@ -477,8 +658,11 @@ class TRPO(OnPolicyAlgorithm):
         self.logger.record("train/cg_residual", stats.cg_residual)
         self.logger.record("train/step_size", stats.step_size)
         self.logger.record("train/numerical_fault", float(stats.fault is not None))
+        self.logger.record("train/critic_fault", float(critic_fault))
         self.logger.record("train/value_loss", value_loss)
-        self.logger.record("train/explained_variance", explained_variance(buffer.values.flatten(), buffer.returns.flatten()))
+        finite = np.isfinite(buffer.returns).all()  # NumPy would warn on a faulty rollout's returns
+        ev = explained_variance(buffer.values.flatten(), buffer.returns.flatten()) if finite else float("nan")
+        self.logger.record("train/explained_variance", ev)
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")

@@ -30,3 +30,26 @@ class TargetEnv(gym.Env):
         self.t += 1
         self.target = self.np_random.uniform(-1, 1, self.action_space.shape).astype(np.float32)
         return self._observe(), reward, False, self.t >= self.ep_length, {}
+
+
+class NonFiniteAt(gym.Wrapper):
+    """
+    Returns ``value`` (NaN by default) as the reward or in the observation of the ``at``-th step (counted from 1 over
+    the wrapper's life, across episodes), once; every other step is the wrapped env's.
+    """
+
+    def __init__(self, env: gym.Env, field: str, at: int, value: float = float("nan")):
+        super().__init__(env)
+        assert field in ("reward", "observation")
+        self.field, self.at, self.value = field, at, value
+        self.steps = 0
+
+    def step(self, action):
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        self.steps += 1
+        if self.steps == self.at:
+            if self.field == "reward":
+                reward = self.value
+            else:
+                observation = np.full_like(observation, self.value)
+        return observation, reward, terminated, truncated, info

@@ -62,7 +62,9 @@ def test_linear_chain_accepts_only_what_regress_mlp_implements():
 def test_regress_mlp_leaves_other_optimizers_to_autograd():
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
     before = copy.deepcopy(net.state_dict())
-    for optimizer in (th.optim.SGD(net.parameters(), lr=0.1), th.optim.Adam(net.parameters(), amsgrad=True)):
+    others = (th.optim.SGD(net.parameters(), lr=0.1), th.optim.Adam(net.parameters(), amsgrad=True))
+    # A learning rate whose step-size scalar overflows float32: torch's fused Adam computes it in double.
+    for optimizer in (*others, th.optim.Adam(net.parameters(), lr=1e39)):
         assert regress_mlp(linear_chain([net]), th.randn(8, 3), th.randn(8), optimizer, 1, 4) is None
     assert all(th.equal(before[k], v) for k, v in net.state_dict().items())
 

@@ -139,27 +139,60 @@ def nan_objective_after_step(monkeypatch):
     monkeypatch.setattr(TRPO, "surrogate_objective", surrogate)
 
 
+def poisoned_surrogate(monkeypatch, poison):
+    original = TRPO.surrogate_objective
+
+    def surrogate(self, actions, old_log_prob, advantages):
+        objective = original(self, actions, old_log_prob, advantages)
+        return lambda distribution: poison(objective(distribution), distribution.log_prob(actions))
+
+    monkeypatch.setattr(TRPO, "surrogate_objective", surrogate)
+
+
+def nan_objective(monkeypatch):
+    poisoned_surrogate(monkeypatch, lambda value, log_prob: value * float("nan"))
+
+
+def nan_gradient(monkeypatch):
+    # sqrt at 0: the value stays finite, its derivative is infinite, and 0 * inf is NaN.
+    poisoned_surrogate(monkeypatch, lambda value, log_prob: value + 0.0 * th.sqrt(log_prob.mean() - log_prob.mean().detach()))
+
+
 FAULTS = {
-    "nan-advantage": ("non-finite surrogate objective", nan_advantage, None),
+    "nan-objective": ("non-finite surrogate objective", None, nan_objective),
+    "nan-gradient": ("non-finite policy gradient", None, nan_gradient),
+    "nan-advantage": ("non-finite advantages in the rollout", nan_advantage, None),
     "nan-fisher": ("non-finite search direction", None, nan_fisher),
     "non-positive-sFs": ("non-positive", None, negative_fisher),
     "nan-new-objective": (None, None, nan_objective_after_step),
 }
 
 
+def assert_critic_and_optimizer_unchanged(snapshot, model):
+    for before, after in zip(snapshot.policy_before.state_dict().values(), model.policy.state_dict().values(), strict=True):
+        assert th.equal(before, after)
+    before, after = snapshot.critic_optimizer_state["state"], model.policy.optimizer.state_dict()["state"]
+    assert before.keys() == after.keys()
+    for key in before:
+        assert all(th.equal(before[key][name], after[key][name]) for name in before[key])
+
+
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_numerical_fault_skips_policy_step_bit_identically(fault, monkeypatch, recording_logger):
+def test_numerical_fault_skips_whole_update_bit_identically(fault, monkeypatch, recording_logger):
     message, tamper, patch = FAULTS[fault]
     if patch is not None:
         patch(monkeypatch)
     model = CASES["gaussian-3d"]()
     model.set_logger(recording_logger[0])
-    with pytest.warns(UserWarning, match="skipped the policy step") if message else _no_warning():
+    with pytest.warns(UserWarning, match=f"skipped update 1 \\({message}") if message else _no_warning():
         snapshot = one_update(model, tamper)
     row = dict(recording_logger[0].name_to_value)  # SB3 dumps before train(): the last update is still here
     assert row["train/is_line_search_success"] == 0.0
     assert row["train/numerical_fault"] == (1.0 if message else 0.0)
     assert_actor_unchanged(snapshot, model)
+    if message:
+        # All or nothing: the critic is not regressed either, its optimizer state included.
+        assert_critic_and_optimizer_unchanged(snapshot, model)
     assert all(th.isfinite(p).all() for p in model.policy.parameters())
 
 

@@ -132,11 +132,16 @@ def regress_mlp(
     :param n_epochs: Passes over the data
     :param batch_size: Minibatch size
     :return: Mean loss over the minibatches (``nan`` if there were none), or ``None`` when the optimizer is not a
-        plain Adam over these parameters (nothing was changed then)
+        plain Adam over these parameters or its learning rate is out of the parameters' float range (nothing was
+        changed then)
     """
     settings = AdamSettings.of(optimizer)
     params = chain.parameters
     if settings is None or {id(p) for p in optimizer.param_groups[0]["params"]} != {id(p) for p in params}:
+        return None
+    # Adam's step-size scalar is at most lr / (1 - beta1); past the parameters' float range the in-place update
+    # cannot take it (torch's fused Adam, computing in double, can), so leave such settings to the optimizer.
+    if settings.lr / (1 - settings.beta1) > th.finfo(params[0].dtype).max:
         return None
     adam = FlatAdamState(optimizer, params)
     if adam.step is None:

@@ -422,8 +422,12 @@ def trust_region_update(
     :param config: Step hyperparameters
     :return: Statistics of the step
     """
-    with th.no_grad():
-        old_distribution = detached_copy(distribution_fn())
+    try:
+        with th.no_grad():
+            old_distribution = detached_copy(distribution_fn())
+    except ValueError as error:
+        # torch validates distribution parameters (e.g. a standard deviation that underflowed to 0).
+        return TrustRegionStats(objective=float("nan"), fault=f"invalid action distribution: {str(error)[:120]}")
     objective = objective_fn(distribution_fn())
     old_objective = objective.item()
     stats = TrustRegionStats(objective=old_objective)
@@ -452,7 +456,10 @@ def trust_region_update(
 
     def evaluate() -> tuple[float, float]:
         with th.no_grad():
-            distribution = distribution_fn()
+            try:
+                distribution = distribution_fn()
+            except ValueError:  # the candidate makes the distribution invalid: reject it like a non-finite one
+                return float("nan"), float("nan")
             return objective_fn(distribution).item() - old_objective, joint_kl(old_distribution, distribution).mean().item()
 
     result = backtracking_line_search(
