@@ -69,6 +69,35 @@ def subsample_sequences(batch: NamedTuple, step: int) -> NamedTuple:
     return type(batch)(**fields)
 
 
+def fold_episode_starts(batch: NamedTuple) -> NamedTuple:
+    """
+    The same batch with each sequence's episode start folded into its initial LSTM states.
+
+    sb3-contrib cuts sequences at episode starts, so an episode can only start at the head of a sequence. Zeroing
+    the initial states of the sequences that start an episode, and clearing ``episode_starts``, then describes
+    the same computation, and lets sb3-contrib's ``_process_sequence`` run each LSTM in one call over the whole
+    sequence instead of one call per step (its fallback whenever an episode start is set). Batches with a start
+    elsewhere are returned unchanged.
+
+    :param batch: Recurrent rollout samples
+    :return: The equivalent batch
+    """
+    n_seq = batch.lstm_states.pi[0].shape[1]  # type: ignore[attr-defined]
+    starts = batch.episode_starts.reshape(n_seq, -1)  # type: ignore[attr-defined]
+    if starts[:, 1:].any():
+        return batch
+    keep = (1.0 - starts[:, 0]).view(1, n_seq, 1)
+
+    def fold(states: LSTMStates) -> LSTMStates:
+        return states[0] * keep, states[1] * keep
+
+    states = batch.lstm_states  # type: ignore[attr-defined]
+    return batch._replace(  # type: ignore[attr-defined]
+        episode_starts=th.zeros_like(batch.episode_starts),  # type: ignore[attr-defined]
+        lstm_states=RNNStates(fold(states.pi), fold(states.vf)),
+    )
+
+
 class RecurrentTRPO(TRPO):
     """
     TRPO with recurrent (LSTM) policies.
@@ -155,7 +184,7 @@ class RecurrentTRPO(TRPO):
     # ---- policy step hooks ------------------------------------------------------------------------------------
 
     def _policy_batch(self, rollout: NamedTuple, step: int) -> NamedTuple:
-        return subsample_sequences(rollout, step)
+        return fold_episode_starts(subsample_sequences(rollout, step))
 
     def _action_distribution(self, batch: NamedTuple) -> Distribution:
         """
@@ -193,7 +222,8 @@ class RecurrentTRPO(TRPO):
         losses = []
         with self._frozen_actor():
             for _ in range(self.n_critic_updates):
-                for batch in self.rollout_buffer.get(self.batch_size):
+                for minibatch in self.rollout_buffer.get(self.batch_size):
+                    batch = fold_episode_starts(minibatch)
                     valid = valid_steps(batch)
                     values = self.policy.predict_values(batch.observations, batch.lstm_states.vf, batch.episode_starts)
                     loss = F.mse_loss(values.flatten()[valid], batch.returns[valid])
