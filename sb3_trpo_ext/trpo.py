@@ -503,22 +503,13 @@ class TRPO(OnPolicyAlgorithm):
         :param returns: Regression targets
         :return: Mean value loss
         """
-        # Shared parts of the network are forwarded but frozen: the critic's optimizer does not hold them.
-        for param in self._actor_params:
-            param.requires_grad_(False)
-        try:
-            optimizer, params = self.policy.optimizer, self._critic_params
-            losses = []
+        losses = []
+        with self._frozen_actor():
             for _ in range(self.n_critic_updates):
                 for indices in th.randperm(len(returns), device=returns.device).split(self.batch_size):
                     loss = F.mse_loss(value_fn(subsample_indices(inputs, indices)).flatten(), returns[indices])
-                    for param, grad in zip(params, th.autograd.grad(loss, params, allow_unused=True), strict=True):
-                        param.grad = grad
-                    optimizer.step()
+                    self._critic_gradient_step(loss)
                     losses.append(loss.detach())
-        finally:
-            for param in self._actor_params:
-                param.requires_grad_(True)
         return th.stack(losses).mean().item() if losses else float("nan")
 
     def collect_rollouts(
