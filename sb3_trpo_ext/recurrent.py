@@ -21,6 +21,7 @@ from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
+from sb3_trpo_ext.common.trust_region import TrustRegionStats
 from sb3_trpo_ext.trpo import TRPO
 
 RECURRENT_BUFFERS = (RecurrentRolloutBuffer, RecurrentDictRolloutBuffer)
@@ -182,6 +183,11 @@ class RecurrentTRPO(TRPO):
         return distribution
 
     # ---- policy step hooks ------------------------------------------------------------------------------------
+
+    def _policy_step(self, rollout: NamedTuple) -> TrustRegionStats:
+        # cuDNN's LSTM has no double backward, which the Fisher-vector products need: use PyTorch's own kernels.
+        with th.backends.cudnn.flags(enabled=False):
+            return super()._policy_step(rollout)
 
     def _policy_batch(self, rollout: NamedTuple, step: int) -> NamedTuple:
         return fold_episode_starts(subsample_sequences(rollout, step))
