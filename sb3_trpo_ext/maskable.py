@@ -47,9 +47,9 @@ def masked_rollout_steps(policy: MaskableActorCriticPolicy, env: VecEnv, rollout
         return type(policy).forward(policy, obs, deterministic=deterministic, action_masks=current_masks[0])
 
     def add(*args: Any, **kwargs: Any) -> None:
-        type(rollout_buffer).add(rollout_buffer, *args, action_masks=current_masks[0], **kwargs)
+        type(rollout_buffer).add(rollout_buffer, *args, action_masks=current_masks[0], **kwargs)  # type: ignore[call-arg]
 
-    policy.forward = forward  # type: ignore[method-assign]
+    policy.forward = forward  # type: ignore[method-assign, assignment]
     rollout_buffer.add = add  # type: ignore[method-assign]
     try:
         yield

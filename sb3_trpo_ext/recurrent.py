@@ -67,7 +67,7 @@ def subsample_sequences(batch: NamedTuple, step: int) -> NamedTuple:
             fields[name] = {key: per_step(tensor) for key, tensor in value.items()}
         else:
             fields[name] = per_step(value)
-    return type(batch)(**fields)
+    return batch._replace(**fields)
 
 
 def fold_episode_starts(batch: NamedTuple) -> NamedTuple:
@@ -179,7 +179,8 @@ class RecurrentTRPO(TRPO):
     def _first_step_distribution(self, observation: PyTorchObs) -> Distribution:
         n_envs = len(next(iter(observation.values()))) if isinstance(observation, dict) else len(observation)
         episode_starts = th.ones(n_envs, device=self.device)
-        distribution, _ = self.policy.get_distribution(observation, self._initial_lstm_states(n_envs).pi, episode_starts)
+        states = self._initial_lstm_states(n_envs).pi
+        distribution, _ = self.policy.get_distribution(observation, states, episode_starts)  # type: ignore[arg-type]
         return distribution
 
     # ---- policy step hooks ------------------------------------------------------------------------------------
@@ -229,7 +230,7 @@ class RecurrentTRPO(TRPO):
         with self._frozen_actor():
             for _ in range(self.n_critic_updates):
                 for minibatch in self.rollout_buffer.get(self.batch_size):
-                    batch = fold_episode_starts(minibatch)
+                    batch: Any = fold_episode_starts(minibatch)
                     valid = valid_steps(batch)
                     values = self.policy.predict_values(batch.observations, batch.lstm_states.vf, batch.episode_starts)
                     loss = F.mse_loss(values.flatten()[valid], batch.returns[valid])
@@ -257,7 +258,7 @@ class RecurrentTRPO(TRPO):
                 terminal_obs = self.policy.obs_to_tensor(info["terminal_observation"])[0]
                 state = tuple(s[:, index : index + 1].contiguous() for s in lstm_states.vf)
                 with th.no_grad():
-                    value = self.policy.predict_values(terminal_obs, state, th.zeros(1, device=self.device))
+                    value = self.policy.predict_values(terminal_obs, state, th.zeros(1, device=self.device))  # type: ignore[arg-type]
                 rewards[index] += self.gamma * value.item()
 
     def collect_rollouts(

@@ -85,7 +85,7 @@ def subsample_rollout(rollout: NamedTuple, step: int) -> NamedTuple:
     """
     if step == 1:
         return rollout
-    return type(rollout)(*(subsample(field, step) for field in rollout))
+    return rollout._replace(**{name: subsample(field, step) for name, field in rollout._asdict().items()})
 
 
 def split_actor_critic(module: nn.Module, distribution: Distribution) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
