@@ -5,8 +5,9 @@ import math
 import pathlib
 import sys
 import warnings
-from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar, cast
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar, NamedTuple, TypeVar, cast
 
 import numpy as np
 import torch as th
@@ -107,6 +108,21 @@ def subsample_indices(batch: PyTorchObs, indices: th.Tensor) -> PyTorchObs:
     return batch[indices]
 
 
+def subsample_rollout(rollout: NamedTuple, step: int) -> NamedTuple:
+    """
+    Every ``step``-th sample of every field of a rollout batch whose fields are all per-sample tensors (or dicts
+    of them): SB3's rollout samples and sb3-contrib's maskable ones, whose action masks are then strided with
+    the observations they belong to.
+
+    :param rollout: Rollout batch (a named tuple of per-sample fields)
+    :param step: Stride
+    :return: A batch of the same type holding strided views
+    """
+    if step == 1:
+        return rollout
+    return rollout._replace(**{name: subsample(field, step) for name, field in rollout._asdict().items()})
+
+
 def split_actor_critic(module: nn.Module, distribution: Distribution) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """
     Split trainable parameters by the autograd graph: the actor is whatever ``distribution`` depends on.
@@ -186,6 +202,9 @@ class TRPO(OnPolicyAlgorithm):
         "MultiInputPolicy": MultiInputActorCriticPolicy,
     }
     policy: ActorCriticPolicy
+    # What ``policy`` must subclass, and the action spaces it handles; variants narrow them.
+    policy_base: ClassVar[type[BasePolicy]] = ActorCriticPolicy
+    supported_action_spaces: ClassVar[tuple[type[spaces.Space], ...]] = SUPPORTED_ACTION_SPACES
 
     def __init__(
         self,
@@ -291,10 +310,10 @@ class TRPO(OnPolicyAlgorithm):
 
         if self.env is not None:
             check_policy_fits_env(policy, self.observation_space, policy_kwargs or {}, rollout_buffer_class)
-            if not isinstance(self.action_space, SUPPORTED_ACTION_SPACES):
+            if not isinstance(self.action_space, self.supported_action_spaces):
                 raise TypeError(
-                    f"TRPO does not support the action space {self.action_space}: the env's action space must be one "
-                    f"of {', '.join(s.__name__ for s in SUPPORTED_ACTION_SPACES)}"
+                    f"{type(self).__name__} does not support the action space {self.action_space}: the env's action "
+                    f"space must be one of {', '.join(s.__name__ for s in self.supported_action_spaces)}"
                 )
             buffer_size = self.n_envs * n_steps
             for name, factor in (
@@ -335,15 +354,15 @@ class TRPO(OnPolicyAlgorithm):
     @classmethod
     def _check_policy_argument(cls, policy: Any) -> None:
         """
-        Check ``policy``: one of the aliases or an ``ActorCriticPolicy`` subclass.
+        Check ``policy``: one of the aliases or a subclass of ``policy_base``.
 
         :param policy: The ``policy`` argument
         """
-        allowed = f"an ActorCriticPolicy subclass or one of {list(cls.policy_aliases)}"
+        allowed = f"a subclass of {cls.policy_base.__name__} or one of {list(cls.policy_aliases)}"
         if isinstance(policy, str):
             if policy not in cls.policy_aliases:
                 raise ValueError(f"`policy` must be {allowed}, got {policy!r}")
-        elif not (isinstance(policy, type) and issubclass(policy, ActorCriticPolicy)):
+        elif not (isinstance(policy, type) and issubclass(policy, cls.policy_base)):
             raise TypeError(f"`policy` must be {allowed}, got {policy!r}")
 
     def _setup_model(self) -> None:
@@ -370,9 +389,18 @@ class TRPO(OnPolicyAlgorithm):
         self.policy.set_training_mode(False)  # batch norm etc. cannot run in train mode on a single sample
         try:
             observation, _ = self.policy.obs_to_tensor(self.observation_space.sample())
-            return self.policy.get_distribution(observation)
+            return self._first_step_distribution(observation)
         finally:
             self.policy.set_training_mode(training)
+
+    def _first_step_distribution(self, observation: PyTorchObs) -> Distribution:
+        """
+        Hook: the action distribution on a batch of observations, each the first of an episode.
+
+        :param observation: Batch of observations
+        :return: The distribution, with gradients
+        """
+        return self.policy.get_distribution(observation)
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_actor_params", "_critic_params"]
@@ -483,32 +511,60 @@ class TRPO(OnPolicyAlgorithm):
 
         return objective
 
-    def _policy_step(self, rollout: RolloutBufferSamples | DictRolloutBufferSamples) -> TrustRegionStats:
+    def _policy_batch(self, rollout: NamedTuple, step: int) -> NamedTuple:
+        """
+        Hook: the part of a rollout batch the policy step uses, every ``step``-th sample (``sub_sampling_factor``,
+        then ``fisher_sub_sampling_factor`` on the result).
+
+        :param rollout: Rollout batch
+        :param step: Stride
+        :return: A batch of the same type
+        """
+        return subsample_rollout(rollout, step)
+
+    def _action_distribution(self, batch: NamedTuple) -> Distribution:
+        """
+        Hook: the action distribution of the current policy on a batch from :meth:`_policy_batch`, one row per
+        sample of :meth:`_surrogate_samples`. The surrogate, the KL and the Fisher all evaluate it.
+
+        :param batch: Policy batch
+        :return: The distribution, with gradients
+        """
+        return self.policy.get_distribution(batch.observations)  # type: ignore[attr-defined]
+
+    def _surrogate_samples(self, batch: NamedTuple) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """
+        Hook: the per-sample tensors of the surrogate, aligned with the rows of :meth:`_action_distribution`.
+
+        :param batch: Policy batch
+        :return: ``(actions, old log-probabilities, advantages)``
+        """
+        return batch.actions, batch.old_log_prob, batch.advantages  # type: ignore[attr-defined]
+
+    def _policy_step(self, rollout: NamedTuple) -> TrustRegionStats:
         """
         Trust-region step of the actor.
 
         :param rollout: The whole rollout as one batch
         :return: Statistics of the step
         """
-        step = self.sub_sampling_factor
-        observations = subsample(rollout.observations, step)
-        actions = rollout.actions[::step]
+        batch = self._policy_batch(rollout, self.sub_sampling_factor)
+        fisher_batch = self._policy_batch(batch, self.fisher_sub_sampling_factor)
+        actions, old_log_prob, advantages = self._surrogate_samples(batch)
         if isinstance(self.action_space, spaces.Discrete):
             actions = actions.long().flatten()
-        advantages = rollout.advantages[::step]
         if self.normalize_advantage and len(advantages) > 1:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        fisher_observations = subsample(observations, self.fisher_sub_sampling_factor)
 
         stats = trust_region_update(
             self._actor_params,
-            self.surrogate_objective(actions, rollout.old_log_prob[::step], advantages),
-            distribution_fn=lambda: self.policy.get_distribution(observations),
-            fisher_distribution_fn=lambda: self.policy.get_distribution(fisher_observations),
+            self.surrogate_objective(actions, old_log_prob, advantages),
+            distribution_fn=lambda: self._action_distribution(batch),
+            fisher_distribution_fn=lambda: self._action_distribution(fisher_batch),
             config=self.trust_region_config,
         )
         with th.no_grad():
-            entropy = self.policy.get_distribution(observations).entropy()
+            entropy = self._action_distribution(batch).entropy()
         self.logger.record("train/entropy_loss", float("nan") if entropy is None else -entropy.mean().item())
         return stats
 
@@ -540,6 +596,31 @@ class TRPO(OnPolicyAlgorithm):
         """The critic as a chain of linear layers on fixed features, when :func:`regress_mlp` can train it."""
         return critic_chain(self.policy) if self._critic_reads_fixed_features() else None
 
+    @contextmanager
+    def _frozen_actor(self) -> Iterator[None]:
+        """
+        Within the block, the actor's parameters do not require gradients: shared parts of the network are
+        forwarded by the critic regression but never moved (the critic's optimizer does not hold them either).
+        """
+        for param in self._actor_params:
+            param.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for param in self._actor_params:
+                param.requires_grad_(True)
+
+    def _critic_gradient_step(self, loss: th.Tensor) -> None:
+        """
+        One optimizer step of the critic's parameters on ``loss`` (gradients of the critic only, by autograd).
+
+        :param loss: Scalar critic loss
+        """
+        params = self._critic_params
+        for param, grad in zip(params, th.autograd.grad(loss, params, allow_unused=True), strict=True):
+            param.grad = grad
+        self.policy.optimizer.step()
+
     def _critic_step(self, rollout: RolloutBufferSamples | DictRolloutBufferSamples) -> float:
         """
         Regress the critic on the returns: ``n_critic_updates`` epochs of ``batch_size`` minibatches, by hand for
@@ -568,22 +649,13 @@ class TRPO(OnPolicyAlgorithm):
         :param returns: Regression targets
         :return: Mean value loss
         """
-        # Shared parts of the network are forwarded but frozen: the critic's optimizer does not hold them.
-        for param in self._actor_params:
-            param.requires_grad_(False)
-        try:
-            optimizer, params = self.policy.optimizer, self._critic_params
-            losses = []
+        losses = []
+        with self._frozen_actor():
             for _ in range(self.n_critic_updates):
                 for indices in th.randperm(len(returns), device=returns.device).split(self.batch_size):
                     loss = F.mse_loss(value_fn(subsample_indices(inputs, indices)).flatten(), returns[indices])
-                    for param, grad in zip(params, th.autograd.grad(loss, params, allow_unused=True), strict=True):
-                        param.grad = grad
-                    optimizer.step()
+                    self._critic_gradient_step(loss)
                     losses.append(loss.detach())
-        finally:
-            for param in self._actor_params:
-                param.requires_grad_(True)
         return th.stack(losses).mean().item() if losses else float("nan")
 
     def _critic_fault(self, value_loss: float) -> str | None:

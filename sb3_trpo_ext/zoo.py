@@ -6,6 +6,9 @@ RL Baselines3 Zoo with sb3-trpo-ext's algorithms registered.
 
 - without ``--algo``, ``train``/``enjoy``/``record_video``/``record_training`` use ``trpo_ext`` (rl_zoo3's
   default is ``ppo``); sb3-contrib's ``trpo`` stays available for side-by-side runs;
+- our algorithms are ``trpo_ext`` (``TRPO``), ``recurrent_trpo_ext`` (``RecurrentTRPO``) and
+  ``maskable_trpo_ext`` (``MaskableTRPO``); the masked env ``InvalidActionDiscrete-v0`` of :mod:`sb3_trpo_ext.envs`
+  is registered with Gymnasium;
 - ``train`` with one of our algorithms and no ``--conf-file`` reads the hyperparameter file shipped with this
   package (``zoo_configs/<algo>.yml``);
 - the plot commands accept ``--save-figures DIR``: every figure is written to ``DIR`` as PNG instead of being
@@ -21,10 +24,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sb3_trpo_ext.envs import register_envs
+from sb3_trpo_ext.maskable import MaskableTRPO
+from sb3_trpo_ext.recurrent import RecurrentTRPO
 from sb3_trpo_ext.trpo import TRPO
 
 CONFIG_DIR = Path(__file__).parent / "zoo_configs"
-ALGORITHMS: dict[str, type] = {"trpo_ext": TRPO}
+ALGORITHMS: dict[str, type] = {"trpo_ext": TRPO, "recurrent_trpo_ext": RecurrentTRPO, "maskable_trpo_ext": MaskableTRPO}
 DEFAULT_ALGORITHM = "trpo_ext"
 _ALGO_COMMANDS = ("train", "enjoy", "record_video", "record_training")
 _PLOT_COMMANDS = ("plot_train", "plot_from_file", "all_plots")
@@ -81,6 +87,7 @@ def register() -> None:
     """Add our algorithms, samplers and converters to rl_zoo3's registries (idempotent)."""
     from rl_zoo3 import hyperparams_opt, utils
 
+    register_envs()  # InvalidActionDiscrete-v0, the masked env of maskable_trpo_ext.yml
     for name, cls in ALGORITHMS.items():
         utils.ALGOS[name] = cls
         hyperparams_opt.HYPERPARAMS_SAMPLER[name] = sample_trpo_ext_params

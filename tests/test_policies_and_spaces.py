@@ -149,5 +149,5 @@ def test_unsupported_action_space_is_a_clear_error():
 def test_policy_must_be_an_actor_critic():
     from stable_baselines3.dqn.policies import DQNPolicy
 
-    with pytest.raises(TypeError, match="`policy` must be an ActorCriticPolicy"):
+    with pytest.raises(TypeError, match="`policy` must be a subclass of ActorCriticPolicy"):
         TRPO(DQNPolicy, "CartPole-v1")

@@ -139,6 +139,19 @@ def test_registration_keeps_sb3_contrib_trpo():
     assert HYPERPARAMS_SAMPLER["trpo_ext"] is sample_trpo_ext_params and "trpo_ext" in HYPERPARAMS_CONVERTER
 
 
+def test_recurrent_and_maskable_variants_are_registered_with_their_own_configs():
+    from rl_zoo3 import ALGOS
+
+    from sb3_trpo_ext import MaskableTRPO, RecurrentTRPO
+
+    register()
+    assert ALGOS["recurrent_trpo_ext"] is RecurrentTRPO and ALGOS["maskable_trpo_ext"] is MaskableTRPO
+    assert "InvalidActionDiscrete-v0" in gym.registry
+    for algo, env_id in (("recurrent_trpo_ext", "CartPoleNoVel-v1"), ("maskable_trpo_ext", "InvalidActionDiscrete-v0")):
+        assert env_id in yaml.safe_load(config_file(algo).read_text())
+        assert prepare_arguments("train", ["--algo", algo, "--env", env_id])[-2:] == ["--conf-file", str(config_file(algo))]
+
+
 def test_sampler_covers_new_hyperparameters_and_builds_valid_models():
     import optuna
 

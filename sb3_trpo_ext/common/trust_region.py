@@ -15,6 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch as th
+from sb3_contrib.common.maskable.distributions import (
+    MaskableCategoricalDistribution,
+    MaskableMultiCategoricalDistribution,
+)
 from stable_baselines3.common.distributions import (
     BernoulliDistribution,
     CategoricalDistribution,
@@ -147,6 +151,26 @@ def conjugate_gradient(
 # --------------------------------------------------------------------------------------------------------------
 
 
+def categorical_blocks(distribution: Distribution) -> list[th.distributions.Categorical] | None:
+    """
+    The independent categorical factors of a categorical-like distribution, ``None`` for any other.
+
+    sb3-contrib's maskable distributions are included: masking only replaces the logits of invalid outcomes by a
+    large negative number, so they are ordinary categoricals whose masked outcomes have (numerically) zero
+    probability. ``MaskableBernoulliDistribution`` is a ``MaskableMultiCategoricalDistribution`` of 2-way factors.
+
+    :param distribution: An SB3 or sb3-contrib distribution after ``proba_distribution``
+    :return: One ``torch`` categorical per action dimension
+    """
+    if isinstance(distribution, MultiCategoricalDistribution):
+        return list(distribution.distribution)
+    if isinstance(distribution, MaskableMultiCategoricalDistribution):
+        return list(distribution.distributions)
+    if isinstance(distribution, (CategoricalDistribution, MaskableCategoricalDistribution)):
+        return [distribution.distribution]
+    return None
+
+
 def joint_kl(old: Distribution, new: Distribution) -> th.Tensor:
     """
     KL(old || new) of the joint action distribution, one value per state.
@@ -158,6 +182,13 @@ def joint_kl(old: Distribution, new: Distribution) -> th.Tensor:
     :param new: Distribution being evaluated
     :return: Tensor of shape (batch,)
     """
+    old_blocks = categorical_blocks(old)
+    if old_blocks is not None:
+        # SB3's kl_divergence does not know sb3-contrib's maskable distributions; the categorical KL does, and masked
+        # outcomes (probability 0 under both distributions, the masks being the same) contribute nothing to it.
+        new_blocks = categorical_blocks(new)
+        assert new_blocks is not None and len(new_blocks) == len(old_blocks)
+        return sum(th.distributions.kl_divergence(p, q) for p, q in zip(old_blocks, new_blocks, strict=True))  # type: ignore[return-value]
     kl = kl_divergence(old, new)
     return kl.sum(dim=tuple(range(1, kl.dim()))) if kl.dim() > 1 else kl
 
@@ -185,14 +216,16 @@ def distribution_statistics(distribution: Distribution) -> list[th.Tensor] | Non
     The tensors that fully determine an SB3 distribution and for which the Fisher metric is known in closed form.
 
     Gaussian-based distributions (``DiagGaussian``, gSDE, squashed variants; the tanh bijection leaves the KL
-    unchanged) are described by their mean and standard deviation, categorical-like ones by their logits.
+    unchanged) are described by their mean and standard deviation, categorical-like ones (sb3-contrib's maskable
+    distributions included) by their logits.
 
     :param distribution: An SB3 distribution after ``proba_distribution``
     :return: The statistics, or ``None`` when no analytic Fisher metric is available
     """
-    if isinstance(distribution, MultiCategoricalDistribution):
-        return [d.logits for d in distribution.distribution]
-    if isinstance(distribution, (CategoricalDistribution, BernoulliDistribution)):
+    blocks = categorical_blocks(distribution)
+    if blocks is not None:
+        return [block.logits for block in blocks]
+    if isinstance(distribution, BernoulliDistribution):
         return [distribution.distribution.logits]
     inner = getattr(distribution, "distribution", None)
     if type(inner) is th.distributions.Normal:
@@ -205,7 +238,7 @@ def fisher_metric(distribution: Distribution, statistics: Sequence[th.Tensor]) -
     Closed-form Fisher metric for :func:`distribution_statistics`, averaged over the batch.
 
     - Normal(mu, sigma), per dimension: ``diag(1 / sigma^2, 2 / sigma^2)``
-    - Categorical(logits): ``diag(p) - p p^T``, per categorical block
+    - Categorical(logits): ``diag(p) - p p^T``, per categorical block (sb3-contrib's maskable ones included)
     - Bernoulli(logits): ``p (1 - p)``, per dimension
 
     :param distribution: The distribution the statistics came from (selects the formula)
@@ -213,7 +246,9 @@ def fisher_metric(distribution: Distribution, statistics: Sequence[th.Tensor]) -
     :return: Function mapping statistic tangents to ``M @ tangent / batch_size``
     """
     batch_size = statistics[0].shape[0]
-    if isinstance(distribution, (CategoricalDistribution, MultiCategoricalDistribution)):
+    if categorical_blocks(distribution) is not None:
+        # With action masks, masked outcomes have p = 0: their rows and columns of the metric vanish, which is the
+        # exact Fisher of the masked distribution (their logits are constants, not functions of the parameters).
         probs = [th.softmax(logits, dim=-1) for logits in statistics]
 
         def categorical_metric(tangents: Sequence[th.Tensor]) -> list[th.Tensor]:
