@@ -744,15 +744,18 @@ class TRPO(OnPolicyAlgorithm):
         total_timesteps: int,
         callback: MaybeCallback = None,
         log_interval: int = 1,
-        tb_log_name: str = "TRPO",
+        tb_log_name: str | None = None,
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfTRPO:
+        """
+        SB3's ``learn``; ``tb_log_name`` defaults to the class name (``TRPO``, ``RecurrentTRPO``, ``MaskableTRPO``).
+        """
         return super().learn(
             total_timesteps=total_timesteps,
             callback=callback,
             log_interval=log_interval,
-            tb_log_name=tb_log_name,
+            tb_log_name=type(self).__name__ if tb_log_name is None else tb_log_name,
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
         )

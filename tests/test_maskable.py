@@ -10,7 +10,7 @@ from sb3_contrib.common.maskable.evaluation import evaluate_policy
 from sb3_contrib.common.maskable.utils import get_action_masks
 from stable_baselines3.common.envs import IdentityEnv
 
-from sb3_trpo_ext import MaskableTRPO
+from sb3_trpo_ext import TRPO, MaskableTRPO
 from sb3_trpo_ext.common.trust_region import analytic_fisher_vector_product, kl_hessian_vector_product, unflatten_like
 from tests.test_trpo_step import assert_actor_unchanged, one_update
 
@@ -221,3 +221,19 @@ def test_invalid_inputs_are_rejected_at_construction():
         MaskableTRPO("MlpPolicy", "Pendulum-v1")
     with pytest.raises(ValueError, match="`target_kl`"):
         MaskableTRPO("MlpPolicy", InvalidActionEnvDiscrete(dim=3, n_invalid_actions=1), target_kl=0.0)
+
+
+def test_logs_runs_under_its_own_class_name(monkeypatch):
+    # The tensorboard run name, as RecurrentPPO and MaskablePPO default theirs.
+    names = []
+    setup_learn = TRPO._setup_learn
+
+    def spy(self, total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar):
+        names.append(tb_log_name)
+        return setup_learn(self, total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+
+    monkeypatch.setattr(TRPO, "_setup_learn", spy)
+    masked_model(n_steps=8).learn(8)
+    masked_model(n_steps=8).learn(8, tb_log_name="mine")
+    TRPO("MlpPolicy", "CartPole-v1", n_steps=8, batch_size=8).learn(8)
+    assert names == ["MaskableTRPO", "mine", "TRPO"]
