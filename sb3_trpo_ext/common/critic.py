@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch as th
-from torch import nn
 
 from sb3_trpo_ext.common.mlp import LinearChain
 from sb3_trpo_ext.common.trust_region import flat_concat, set_flat_params, unflatten_like
@@ -57,7 +56,7 @@ class FlatAdamState:
     :param params: Parameters, in the order of the flat vectors
     """
 
-    def __init__(self, optimizer: th.optim.Optimizer, params: Sequence[nn.Parameter]):
+    def __init__(self, optimizer: th.optim.Optimizer, params: Sequence[th.Tensor]):
         self.optimizer, self.params = optimizer, list(params)
         states = [optimizer.state.get(p, {}) for p in self.params]
         if all(s.get("exp_avg") is not None for s in states):

@@ -17,7 +17,7 @@ from torch import nn
 
 # Supported activations: the function, and the chain rule through it given the incoming derivative and the
 # activation's output y (so no pre-activation needs keeping): tanh' = 1 - y^2, relu' = [y > 0].
-_ACTIVATIONS: dict[type[nn.Module], tuple[Callable, Callable]] = {
+_ACTIVATIONS: dict[type[nn.Module], tuple[Callable | None, Callable | None]] = {
     nn.Tanh: (th.tanh, lambda d, y: th.addcmul(d, d * y, y, value=-1)),
     nn.ReLU: (th.relu, lambda d, y: d.masked_fill(y <= 0, 0)),
 }
@@ -59,8 +59,8 @@ class LinearChain:
     """
 
     def __init__(self, linears: Sequence[nn.Linear], activations: Sequence[nn.Module | None]):
-        self.parameters: list[nn.Parameter] = [p for linear in linears for p in (linear.weight, linear.bias)]
-        self.activations = [_ACTIVATIONS.get(type(a), (None, None)) for a in activations]
+        self.parameters: list[th.Tensor] = [p for linear in linears for p in (linear.weight, linear.bias)]
+        self.activations = [(None, None) if a is None else _ACTIVATIONS[type(a)] for a in activations]
 
     def forward(self, weights: Sequence[th.Tensor], x: th.Tensor) -> list[th.Tensor]:
         """

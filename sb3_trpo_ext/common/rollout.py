@@ -215,7 +215,9 @@ def fused_forward(policy: ActorCriticPolicy) -> Forward | None:
     else:  # one-hot encodings, image scaling: SB3's own preprocessing
 
         def features(obs: np.ndarray) -> np.ndarray:
-            return _numpy(preprocess_obs(th.as_tensor(obs), space, normalize_images=policy.normalize_images))
+            preprocessed = preprocess_obs(th.as_tensor(obs), space, normalize_images=policy.normalize_images)
+            assert isinstance(preprocessed, th.Tensor)  # not a dict space (checked above)
+            return _numpy(preprocessed)
 
     def forward(obs: np.ndarray, deterministic: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         hidden = features(obs).reshape(len(obs), -1)  # FlattenExtractor

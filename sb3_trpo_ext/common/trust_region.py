@@ -79,7 +79,7 @@ def unflatten_like(vector: th.Tensor, params: Sequence[th.Tensor]) -> list[th.Te
 
 
 @th.no_grad()
-def set_flat_params(params: Sequence[nn.Parameter], vector: th.Tensor) -> None:
+def set_flat_params(params: Sequence[th.Tensor], vector: th.Tensor) -> None:
     """
     Write a flat vector into the parameters in place (storage is kept, so optimizers keep working).
 
