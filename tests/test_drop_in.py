@@ -163,8 +163,11 @@ def test_sb3_contrib_checkpoint_loads_and_keeps_its_step_size(tmp_path, make_env
         assert messages == []
     else:
         assert len(messages) == 1 and "became target_kl=0.03 (joint KL over 3 dimensions)" in messages[0]
+        assert "became cg_damping=0.3" in messages[0]
+    # Both scale with the KL's normalisation: (F/d + λI) s = g and (F + dλI) s = d g give the same step.
     assert model.target_kl == pytest.approx(0.01 * scale)
-    assert model.n_critic_updates == contrib.n_critic_updates and model.cg_damping == contrib.cg_damping
+    assert model.cg_damping == pytest.approx(contrib.cg_damping * scale)
+    assert model.n_critic_updates == contrib.n_critic_updates
     assert model.line_search_accept_ratio == 0.1  # new argument, our default
     assert_same_policy(contrib, model)
     assert_training_continues(model, recording_logger, 128)

@@ -80,7 +80,8 @@ def translate_data(data: dict[str, Any], writer: str) -> tuple[dict[str, Any], l
     - PPO: ``n_epochs`` becomes ``n_critic_updates``; ``clip_range``, ``clip_range_vf`` are dropped;
       ``vf_coef`` and ``max_grad_norm`` are set to 0 as in TRPO (unused there); ``target_kl=None`` (no early
       stopping) falls back to TRPO's default radius, a number is kept (PPO's is a joint KL too).
-    - sb3-contrib: ``target_kl`` is multiplied by :func:`joint_kl_scale` so that the step size stays the same.
+    - sb3-contrib: ``target_kl`` and ``cg_damping`` are multiplied by :func:`joint_kl_scale`, which gives the same
+      step.
 
     Arguments TRPO has and the writer had not (``fisher_sub_sampling_factor``, ...) keep TRPO's defaults.
 
@@ -102,12 +103,15 @@ def translate_data(data: dict[str, Any], writer: str) -> tuple[dict[str, Any], l
     elif writer == CONTRIB_TRPO:
         scale = joint_kl_scale(data["action_space"])
         if scale != 1:
-            old = data["target_kl"]
-            data["target_kl"] = old * scale
-            notes.append(
-                f"target_kl={old:g} (sb3-contrib: KL per action dimension) became target_kl={data['target_kl']:g} "
-                f"(joint KL over {scale} dimensions), the same step size"
-            )
+            # sb3-contrib's KL, Fisher and so damping are 1/scale of ours: (F/d + λI) s = g is (F + dλI) s = d g, the
+            # same direction, and the same step for d times the radius.
+            for name in ("target_kl", "cg_damping"):
+                old = data[name]
+                data[name] = old * scale
+                notes.append(
+                    f"{name}={old:g} (sb3-contrib: KL per action dimension) became {name}={data[name]:g} "
+                    f"(joint KL over {scale} dimensions), the same step"
+                )
     return data, notes
 
 
