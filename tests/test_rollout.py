@@ -133,6 +133,14 @@ def test_rollout_trajectories_match_sb3_rollout(case, stop_at):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=f"{key} at step {step}")
 
 
+def test_policies_off_the_cpu_keep_sb3_sampling(monkeypatch):
+    # SB3 draws on the policy's device with that device's generator: the NumPy path would change the actions.
+    model = make("Box")
+    assert fused_forward(model.policy) is not None
+    monkeypatch.setattr(type(model.policy), "device", property(lambda self: th.device("cuda")))
+    assert fused_forward(model.policy) is None
+
+
 def test_sb3_loop_for_policies_the_fused_forward_does_not_cover():
     image = TRPO("CnnPolicy", FakeImageEnv(screen_height=36, screen_width=36), n_steps=8, batch_size=8)
     assert fused_forward(image.policy) is None

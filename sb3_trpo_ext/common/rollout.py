@@ -161,8 +161,8 @@ def _sampler(policy: ActorCriticPolicy) -> Sampler | None:
 def fused_forward(policy: ActorCriticPolicy) -> Forward | None:
     """
     A forward pass equivalent to ``policy.forward`` on NumPy arrays, built from the policy's current weights, or
-    ``None`` when the policy is not a standard MLP actor-critic (custom forward or extractor, dict observations,
-    squashed or unknown distribution).
+    ``None`` when the policy is not a standard MLP actor-critic on the CPU (custom forward or extractor, dict
+    observations, squashed or unknown distribution, another device).
 
     The returned function is only valid while the weights do not change (one rollout).
 
@@ -178,6 +178,8 @@ def fused_forward(policy: ActorCriticPolicy) -> Forward | None:
     space = policy.observation_space
     if not (
         standard_methods
+        # On another device SB3 samples with that device's generator, and gSDE's noise matrices live there.
+        and policy.device.type == "cpu"
         and not isinstance(space, spaces.Dict)
         and type(policy.pi_features_extractor) is FlattenExtractor
         and type(policy.vf_features_extractor) is FlattenExtractor
