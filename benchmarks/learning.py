@@ -40,7 +40,8 @@ and an ``evaluations.npz`` whose last evaluation is within one eval period of th
 skipped, so rerunning the same command after an interruption only trains what is missing; unfinished run
 directories are wiped and restarted. ``--force`` reruns everything selected.
 
-Writes into ``--out``:
+Writes into ``--out``, from every finished run under ``--runs-dir`` (not only the current selection, so the
+environments can be run in batches):
 
 - ``learning_curves.csv``: env, algo, seed, timesteps, mean_return, std_return (every evaluation of every run);
 - ``learning_<env>.png``: mean ± std over seeds of the evaluation return against steps, per algorithm, with the
@@ -48,7 +49,7 @@ Writes into ``--out``:
 - ``learning.md``: final evaluation return, mean ± std over seeds, per algorithm and environment, the published
   anchor and the verdicts (see ``verdicts``);
 - ``learning_runs.csv``: every run's exact command, return code, wall time and the versions of Python, torch,
-  Gymnasium, SB3, sb3-contrib, rl_zoo3 and this package.
+  Gymnasium, SB3, sb3-contrib, rl_zoo3 and this package, and the commit of this checkout.
 """
 
 import argparse
@@ -438,41 +439,69 @@ def markdown(rows: list[dict[str, Any]], envs: list[str], runs: list[Run], run_r
         env_runs = [run for run in runs if run.env == env]
         if not env_runs:
             continue
+        protocols = {(run.budget, run.eval_freq, run.eval_episodes) for run in env_runs}
+        mixed = " (MIXED budgets/protocols)" if len(protocols) > 1 else ""
         ours = final_returns(rows, env, "trpo_ext")
         contrib = final_returns(rows, env, "trpo")
         versus_anchor, versus_contrib = verdicts(ours, contrib, spec)
         lines.append(
-            f"| {env} | {env_runs[0].budget:,} | {env_runs[0].eval_freq:,} / {env_runs[0].eval_episodes} "
+            f"| {env} | {env_runs[0].budget:,}{mixed} | {env_runs[0].eval_freq:,} / {env_runs[0].eval_episodes} "
             f"| {format_result(ours)} | {format_result(contrib)} | {spec.published:g} ({spec.published_env}) "
             f"| {versus_anchor} | {versus_contrib} |"
         )
     if run_records:
         total = sum(float(record["wall_s"]) for record in run_records)
-        first = run_records[0]
+        values = {
+            name: ", ".join(sorted({str(record.get(name, "?")) for record in run_records}))
+            for name in ("python", *VERSION_PACKAGES, "commit")
+        }
         lines += [
             "",
             f"{len(run_records)} runs, {total / 3600:.2f} h of training wall time in all "
             "(per run: `learning_runs.csv`). Versions: "
-            + ", ".join(f"{name} {first.get(name, '?')}" for name in ("python", *VERSION_PACKAGES, "commit"))
+            + "; ".join(f"{name} {value}" for name, value in values.items())
             + ".",
         ]
     return "\n".join(lines) + "\n"
 
 
-def report(runs: list[Run], runs_dir: Path, out: Path, envs: list[str], algos: list[str]) -> None:
-    """Aggregate the runs' ``evaluations.npz`` and ``run.json`` into CSVs, PNGs and Markdown in ``out``."""
+def recorded_runs(runs_dir: Path) -> list[tuple[Run, dict[str, Any]]]:
+    """Every finished run under ``runs_dir`` (its ``done.json``), whatever the current selection, in table order."""
+    found = []
+    for path in runs_dir.glob("*/*/seed*/done.json"):
+        record = json.loads(path.read_text())
+        run = Run(
+            record["env"],
+            record["algo"],
+            int(record["seed"]),
+            int(record["budget"]),
+            int(record["eval_freq"]),
+            int(record["eval_episodes"]),
+        )
+        found.append((run, record))
+    order = {env: i for i, env in enumerate(ENVS)}
+    found.sort(key=lambda item: (order.get(item[0].env, len(order)), ALGOS.index(item[0].algo), item[0].seed))
+    return found
+
+
+def report(runs_dir: Path, out: Path) -> None:
+    """
+    Aggregate every finished run under ``runs_dir`` into CSVs, PNGs and Markdown in ``out``.
+
+    The report covers all finished runs, not only those of the current ``--envs``/``--seeds``/``--algos``, so
+    environments can be run in batches without losing earlier ones from the tables.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    found = recorded_runs(runs_dir)
+    runs = [run for run, _ in found]
+    records = [record for _, record in found]
     rows = curve_rows(runs, runs_dir)
     write_csv(out / "learning_curves.csv", rows)
-    records = []
-    for run in runs:
-        path = run.directory(runs_dir) / "run.json"
-        if path.exists():
-            records.append(json.loads(path.read_text()))
     write_csv(out / "learning_runs.csv", records)
+    envs = list(dict.fromkeys(run.env for run in runs))
+    algos = [algo for algo in ALGOS if any(run.algo == algo for run in runs)]
     for env in envs:
-        if any(row["env"] == env for row in rows):
-            plot_env(out / f"learning_{env}.png", env, rows, algos)
+        plot_env(out / f"learning_{env}.png", env, rows, algos)
     (out / "learning.md").write_text(markdown(rows, envs, runs, records))
     print(f"Wrote {out / 'learning.md'}, {out / 'learning_curves.csv'}, {out / 'learning_runs.csv'} and the curves")
 
@@ -515,7 +544,7 @@ def main() -> None:
             futures = [pool.submit(execute, run, args.runs_dir, args.force) for run in runs]
             for future in as_completed(futures):
                 print(future.result(), flush=True)
-    report(runs, args.runs_dir, args.out, args.envs, args.algos)
+    report(args.runs_dir, args.out)
 
 
 if __name__ == "__main__":
