@@ -21,6 +21,7 @@ from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
+from sb3_trpo_ext.common.rollout import bootstrap_truncated
 from sb3_trpo_ext.common.trust_region import TrustRegionStats
 from sb3_trpo_ext.trpo import TRPO
 
@@ -253,13 +254,13 @@ class RecurrentTRPO(TRPO):
         Add ``gamma * V(terminal observation)`` to the reward of episodes cut by a time limit, the value taken
         from the critic's LSTM state after the last step of that episode.
         """
-        for index, (done, info) in enumerate(zip(dones, infos, strict=True)):
-            if done and info.get("terminal_observation") is not None and info.get("TimeLimit.truncated", False):
-                terminal_obs = self.policy.obs_to_tensor(info["terminal_observation"])[0]
-                state = tuple(s[:, index : index + 1].contiguous() for s in lstm_states.vf)
-                with th.no_grad():
-                    value = self.policy.predict_values(terminal_obs, state, th.zeros(1, device=self.device))  # type: ignore[arg-type]
-                rewards[index] += self.gamma * value.item()
+
+        def terminal_value(index: int, observation: Any) -> float:
+            state = tuple(s[:, index : index + 1].contiguous() for s in lstm_states.vf)
+            terminal_obs = self.policy.obs_to_tensor(observation)[0]
+            return self.policy.predict_values(terminal_obs, state, th.zeros(1, device=self.device)).item()  # type: ignore[arg-type]
+
+        bootstrap_truncated(rewards, dones, infos, self.gamma, terminal_value)
 
     def collect_rollouts(
         self,

@@ -235,6 +235,30 @@ def fused_forward(policy: ActorCriticPolicy) -> Forward | None:
     return forward
 
 
+def bootstrap_truncated(
+    rewards: np.ndarray,
+    dones: np.ndarray,
+    infos: list[dict[str, Any]],
+    gamma: float,
+    terminal_value: Callable[[int, Any], float],
+) -> None:
+    """
+    Timeouts are not terminations: add ``gamma * V(terminal observation)`` to the reward of every episode a time
+    limit cut, as SB3's rollout loop does.
+
+    :param rewards: Rewards of the step, changed in place
+    :param dones: Episode ends of the step
+    :param infos: Infos of the step (``terminal_observation``, ``TimeLimit.truncated``)
+    :param gamma: Discount factor
+    :param terminal_value: ``(env index, terminal observation as the env returned it) -> value``, called without
+        gradients
+    """
+    for index, (done, info) in enumerate(zip(dones, infos, strict=True)):
+        if done and info.get("terminal_observation") is not None and info.get("TimeLimit.truncated", False):
+            with th.no_grad():
+                rewards[index] += gamma * terminal_value(index, info["terminal_observation"])
+
+
 def collect_rollouts(
     model: OnPolicyAlgorithm,
     forward: Forward,
@@ -303,14 +327,9 @@ def collect_rollouts(
         if discrete:
             actions = actions.reshape(-1, 1)
 
-        # Timeouts are not terminations: bootstrap with the value of the observation the episode was cut at.
-        for idx, done in enumerate(dones):
-            info = infos[idx]
-            if done and info.get("terminal_observation") is not None and info.get("TimeLimit.truncated", False):
-                terminal_obs = policy.obs_to_tensor(info["terminal_observation"])[0]
-                with th.no_grad():
-                    terminal_value = policy.predict_values(terminal_obs)[0]  # type: ignore[arg-type]
-                rewards[idx] += model.gamma * terminal_value
+        bootstrap_truncated(
+            rewards, dones, infos, model.gamma, lambda _, obs: policy.predict_values(policy.obs_to_tensor(obs)[0]).item()
+        )
 
         rollout_buffer.add(
             obs,  # type: ignore[arg-type]
