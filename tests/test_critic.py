@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo_ext import TRPO
+from sb3_trpo_ext.common import critic
 from sb3_trpo_ext.common.critic import regress_mlp
 from sb3_trpo_ext.common.mlp import linear_chain
 from tests.envs import TargetEnv
@@ -27,9 +28,12 @@ def autograd_regression(net, optimizer, inputs, targets, n_epochs, batch_size) -
     return sum(losses) / len(losses)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-adam", "adam-by-formula"])
 @pytest.mark.parametrize("activation", [nn.Tanh, nn.ReLU])
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
-def test_regress_mlp_matches_autograd_and_adam(activation, weight_decay):
+def test_regress_mlp_matches_autograd_and_adam(activation, weight_decay, fused, monkeypatch):
+    # torch < 2.4 has no fused Adam on the CPU: the formula path must give the same result.
+    monkeypatch.setattr(critic, "_fused_adam_available", lambda dtype: fused)
     th.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 16), activation(), nn.Linear(16, 8), activation(), nn.Linear(8, 1)).double()
     reference = copy.deepcopy(net)

@@ -192,7 +192,9 @@ def test_invalid_inputs_are_rejected_at_construction():
 
 # Shared by both models of the learning test (the benchmark, benchmarks/recurrent_vs_mlp.py, runs longer).
 LEARNING = dict(n_steps=256, batch_size=256, gae_lambda=0.98, cg_damping=1e-3, seed=0)
-LEARNING_BUDGET = 10_240
+# At 10,240 steps the recurrent return ranged 70-181 over seeds 0-3, so a float-rounding change could flip the test;
+# at 20,480 it was 346, 281, 161, 195 (MLP about 40-46), well clear of the thresholds below.
+LEARNING_BUDGET = 20_480
 
 
 def test_recurrent_beats_mlp_on_cartpole_without_velocities():
@@ -208,5 +210,5 @@ def test_recurrent_beats_mlp_on_cartpole_without_velocities():
     for name, model in (("recurrent", recurrent), ("mlp", mlp)):
         model.learn(LEARNING_BUDGET)
         returns[name], _ = evaluate_policy(model, no_velocity_cartpole(1, seed=1000), n_eval_episodes=10, warn=False)
-    assert returns["recurrent"] >= 150, returns
+    assert returns["recurrent"] >= 120, returns
     assert returns["recurrent"] >= 2 * returns["mlp"], returns

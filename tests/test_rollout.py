@@ -3,9 +3,11 @@
 import numpy as np
 import pytest
 import torch as th
+from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import FakeImageEnv, IdentityEnv, IdentityEnvMultiBinary, IdentityEnvMultiDiscrete
+from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecNormalize
 from torch import nn
 
@@ -70,7 +72,7 @@ def test_fused_forward_matches_policy_forward(case, deterministic):
 
 
 def as_array(value) -> np.ndarray:
-    return value.numpy().copy() if isinstance(value, th.Tensor) else np.array(value)
+    return value.detach().numpy().copy() if isinstance(value, th.Tensor) else np.array(value)
 
 
 class StopAfter(BaseCallback):
@@ -91,6 +93,7 @@ class StopAfter(BaseCallback):
 
 ROLLOUT_CASES = {
     **{case: (case, False) for case in ("Discrete", "Box", "Box-gSDE", "MultiDiscrete", "MultiBinary")},
+    "Box-gSDE-expln": ("Box-gSDE-learn-features", False),
     "Box-VecNormalize": ("Box", True),
     "gSDE-VecNormalize": ("Box-gSDE", True),
 }
@@ -116,6 +119,9 @@ def test_rollout_trajectories_match_sb3_rollout(case, stop_at):
         buffer = model.rollout_buffer
         arrays = [buffer.observations, buffer.actions, buffer.rewards, buffer.episode_starts, buffer.values]
         arrays += [buffer.log_probs, buffer.returns, buffer.advantages, model._last_obs, model._last_episode_starts]
+        if model.use_sde:  # the noise the next rollout step would use
+            sde = model.policy.action_dist
+            arrays += [as_array(sde.exploration_mat), as_array(sde.exploration_matrices)]
         counters = (complete, model.num_timesteps, buffer.pos, [e["r"] for e in model.ep_info_buffer])
         return arrays, counters, callback.seen
 
@@ -149,3 +155,37 @@ def test_sb3_loop_for_policies_the_fused_forward_does_not_cover():
     for model in (image, squashed):
         model.learn(16)
         assert model.num_timesteps == 16
+
+
+class RecordingBuffer(RolloutBuffer):
+    """A user's buffer that overrides ``add``: the lean loop must go through it."""
+
+    def add(self, *args, **kwargs) -> None:
+        self.added = getattr(self, "added", 0) + 1
+        super().add(*args, **kwargs)
+
+
+def test_rollout_buffer_subclasses_keep_their_own_add():
+    lean = make("Box")
+    lean.rollout_buffer_class = RecordingBuffer
+    lean._setup_model()
+    lean.learn(64)
+    assert lean.rollout_buffer.added == 32
+    reference = make("Box")
+    reference.learn(64)
+    for name in ("observations", "actions", "rewards", "values", "log_probs", "advantages"):
+        np.testing.assert_allclose(getattr(lean.rollout_buffer, name), getattr(reference.rollout_buffer, name), err_msg=name)
+
+
+class CountingNoisePolicy(ActorCriticPolicy):
+    def reset_noise(self, n_envs: int = 1) -> None:
+        self.resamplings = getattr(self, "resamplings", 0) + 1
+        super().reset_noise(n_envs)
+
+
+def test_policies_that_redefine_noise_resampling_keep_it():
+    model = TRPO(CountingNoisePolicy, TargetEnv(), n_steps=32, batch_size=32, use_sde=True, sde_sample_freq=4)
+    assert fused_forward(model.policy) is not None
+    model.policy.resamplings = 0
+    model.learn(32)
+    assert model.policy.resamplings == 1 + 32 // 4  # at the rollout's start, then every 4 steps

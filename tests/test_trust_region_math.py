@@ -123,6 +123,29 @@ def test_conjugate_gradient_solves_damped_fisher_system(float64_policies):
     assert ((product(result.x) - g).norm() / g.norm()).item() <= 1e-9
 
 
+@pytest.mark.parametrize("max_steps", [3, 10], ids=["stopped-early", "converged"])
+def test_conjugate_gradient_reports_the_product_of_its_solution(max_steps):
+    # TRPO sizes its step with x^T A x from this product instead of one more A x: it must be A x even when CG
+    # stops far from the solution, and in float32 on a Fisher system.
+    generator = th.Generator().manual_seed(1)
+    basis = th.randn(12, 12, generator=generator, dtype=th.float64)
+    matrix = basis @ basis.T + 0.1 * th.eye(12, dtype=th.float64)
+    b = th.randn(12, generator=generator, dtype=th.float64)
+    result = conjugate_gradient(lambda v: matrix @ v, b, max_steps=max_steps, residual_tol=0.0)
+    th.testing.assert_close(result.product, matrix @ result.x, rtol=1e-9, atol=1e-9)
+    assert result.x @ result.product == pytest.approx((result.x @ matrix @ result.x).item(), rel=1e-9)
+
+    model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=256, batch_size=256, seed=0)
+    model.learn(256)
+    observations = th.as_tensor(model.rollout_buffer.observations.reshape(-1, 3))
+    params = model._actor_params
+    product = fisher_vector_product(params, lambda: model.policy.get_distribution(observations), damping=0.1)
+    g = th.randn(sum(p.numel() for p in params), generator=th.Generator().manual_seed(2))
+    result = conjugate_gradient(product, g, max_steps=max_steps)
+    exact = (result.x @ product(result.x)).item()
+    assert (result.x @ result.product).item() == pytest.approx(exact, rel=1e-5)
+
+
 def test_flat_helpers_round_trip():
     params = [th.nn.Parameter(th.randn(3, 2)), th.nn.Parameter(th.randn(5))]
     storages = [p.data_ptr() for p in params]

@@ -28,8 +28,10 @@ def _non_finite(array: Any) -> bool:
     """Whether a floating-point array (or a dict of them) holds NaN or infinity; integer arrays never do."""
     if isinstance(array, dict):
         return any(_non_finite(value) for value in array.values())
-    array = np.asarray(array)
-    return bool(np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all())
+    if not isinstance(array, np.ndarray):
+        array = np.asarray(array)
+    # dtype.kind "f" is np.issubdtype(dtype, np.floating), at a fraction of the cost (this runs at every step)
+    return array.dtype.kind == "f" and not np.isfinite(array).all()
 
 
 class NonFiniteObservationCheck(BaseCallback):
@@ -55,7 +57,7 @@ class NonFiniteObservationCheck(BaseCallback):
     def _on_step(self) -> bool:
         self._check(self.locals.get("new_obs"), "from a step")
         dones = self.locals.get("dones")
-        if dones is not None and np.any(dones):
+        if dones is not None and np.asarray(dones).any():
             for info in self.locals.get("infos", ()):
                 self._check(info.get("terminal_observation"), "terminal observation")
         return True

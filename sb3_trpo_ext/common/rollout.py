@@ -84,15 +84,17 @@ def _gaussian_log_prob(actions: np.ndarray, mean: np.ndarray, std: np.ndarray) -
 
 def _categorical(logits: np.ndarray, deterministic: bool) -> tuple[np.ndarray, np.ndarray]:
     # torch.distributions.Categorical: normalised logits, their softmax, one multinomial draw per row
-    log_probs = logits - logits.max(axis=1, keepdims=True)
-    log_probs -= np.log(np.exp(log_probs).sum(axis=1, keepdims=True))
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    total = exp.sum(axis=1, keepdims=True)
+    log_probs = shifted - np.log(total)
     if deterministic:
         actions = log_probs.argmax(axis=1)
     else:
         # torch.multinomial draws one sample per row as argmax(p / q) with q ~ Exp(1) from ``exponential_`` on a
         # tensor shaped like p; the same draw here skips its input checks, which cost ten times the sampling.
         # The rollout tests compare the actions with SB3's own sampling, so a change in torch would show there.
-        probs = np.exp(log_probs)
+        probs = exp / total
         q = th.from_numpy(np.empty_like(probs)).exponential_(1).numpy()
         actions = (probs / q).argmax(axis=1)
     return actions, log_probs[np.arange(len(actions)), actions]
@@ -113,12 +115,25 @@ def _sampler(policy: ActorCriticPolicy) -> Sampler | None:
             return None
         sde = distribution
         variance_weights = _numpy(sde.get_std(policy.log_std) ** 2)
+        # NumPy views of the noise matrices, refreshed when gSDE resamples them (it assigns new tensors).
+        noise_source: list[th.Tensor | None] = [None, None]
+        noise_arrays: list[np.ndarray] = [np.empty(0), np.empty(0)]
+
+        def noise(latent_sde: np.ndarray) -> np.ndarray:
+            # StateDependentNoiseDistribution.get_noise: one matrix per env when there is one per row, else the
+            # single matrix for every row
+            if noise_source[0] is not sde.exploration_mat or noise_source[1] is not sde.exploration_matrices:
+                noise_source[:] = [sde.exploration_mat, sde.exploration_matrices]
+                noise_arrays[:] = [_numpy(sde.exploration_mat), _numpy(sde.exploration_matrices)]
+            single, per_row = noise_arrays
+            if len(latent_sde) == 1 or len(latent_sde) != len(per_row):
+                return latent_sde @ single
+            return np.matmul(latent_sde[:, None, :], per_row)[:, 0, :]
 
         def sample_sde(head: np.ndarray, hidden: np.ndarray, deterministic: bool) -> tuple[np.ndarray, np.ndarray]:
             latent_sde = hidden[:, :latent_pi_dim]
             std = np.sqrt((latent_sde**2) @ variance_weights + sde.epsilon)
-            # The noise matrices are read at every call: gSDE resamples them during the rollout.
-            actions = head if deterministic else head + _numpy(sde.get_noise(th.from_numpy(latent_sde)))
+            actions = head if deterministic else head + noise(latent_sde)
             return actions, _gaussian_log_prob(actions, head, std)
 
         return sample_sde
@@ -235,6 +250,35 @@ def fused_forward(policy: ActorCriticPolicy) -> Forward | None:
     return forward
 
 
+def noise_resampler(policy: ActorCriticPolicy) -> Callable[[int], None]:
+    """
+    ``policy.reset_noise`` for a gSDE policy whose weights are fixed (one rollout): the same two draws into the same
+    attributes, without rebuilding the weight distribution and its autograd graph at every resampling, which cost
+    several policy calls each time. Policies or distributions that redefine the resampling keep their own.
+
+    :param policy: A policy with a ``StateDependentNoiseDistribution``
+    :return: ``resample(n_envs)``
+    """
+    sde = policy.action_dist
+    if not (
+        type(policy).reset_noise is ActorCriticPolicy.reset_noise
+        and type(sde) is StateDependentNoiseDistribution
+        and policy.device.type == "cpu"
+    ):
+        return policy.reset_noise
+    with th.no_grad():
+        std = sde.get_std(policy.log_std)
+        sde.weights_dist = th.distributions.Normal(th.zeros_like(std), std)
+
+    def resample(n_envs: int) -> None:
+        # Normal(0, std).rsample(shape): loc + eps * scale with eps from normal_() on a tensor of the sample's shape
+        with th.no_grad():
+            sde.exploration_mat = th.empty_like(std).normal_() * std
+            sde.exploration_matrices = th.empty((n_envs, *std.shape), dtype=std.dtype).normal_() * std
+
+    return resample
+
+
 def bootstrap_truncated(
     rewards: np.ndarray,
     dones: np.ndarray,
@@ -285,19 +329,27 @@ def collect_rollouts(
     policy.set_training_mode(False)
     n_steps = 0
     rollout_buffer.reset()
+    reset_noise = noise_resampler(policy) if model.use_sde else policy.reset_noise
     if model.use_sde:
-        policy.reset_noise(env.num_envs)
+        reset_noise(env.num_envs)
     callback.on_rollout_start()
     action_space = model.action_space
     clip = isinstance(action_space, spaces.Box)
+    if clip:  # np.clip's dispatch costs more than the two ufuncs it ends in
+        low, high = action_space.low, action_space.high  # type: ignore[attr-defined]
     discrete = isinstance(action_space, spaces.Discrete)
+    # RolloutBuffer.add, written directly: its copies and tensor round trips cost as much as the policy call. A
+    # subclass may override add, so it keeps its own.
+    plain_buffer = type(rollout_buffer) is RolloutBuffer
+    buffer_obs_shape = (rollout_buffer.n_envs, *rollout_buffer.obs_shape)
+    buffer_action_shape = (rollout_buffer.n_envs, rollout_buffer.action_dim)
 
     while n_steps < n_rollout_steps:
         if model.use_sde and model.sde_sample_freq > 0 and n_steps % model.sde_sample_freq == 0:
-            policy.reset_noise(env.num_envs)
+            reset_noise(env.num_envs)
         obs = model._last_obs
         actions, values, log_probs = forward(obs, False)  # type: ignore[arg-type]
-        clipped_actions = np.clip(actions, action_space.low, action_space.high) if clip else actions  # type: ignore[attr-defined]
+        clipped_actions = np.minimum(np.maximum(actions, low), high) if clip else actions
         new_obs, rewards, dones, infos = env.step(clipped_actions)
         model.num_timesteps += env.num_envs
 
@@ -331,14 +383,25 @@ def collect_rollouts(
             rewards, dones, infos, model.gamma, lambda _, obs: policy.predict_values(policy.obs_to_tensor(obs)[0]).item()
         )
 
-        rollout_buffer.add(
-            obs,  # type: ignore[arg-type]
-            actions,
-            rewards,
-            model._last_episode_starts,  # type: ignore[arg-type]
-            locals_["values"],
-            locals_["log_probs"],
-        )
+        if plain_buffer:
+            pos = rollout_buffer.pos
+            rollout_buffer.observations[pos] = np.reshape(obs, buffer_obs_shape)  # type: ignore[arg-type]
+            rollout_buffer.actions[pos] = actions.reshape(buffer_action_shape)
+            rollout_buffer.rewards[pos] = rewards
+            rollout_buffer.episode_starts[pos] = model._last_episode_starts
+            rollout_buffer.values[pos] = values
+            rollout_buffer.log_probs[pos] = log_probs
+            rollout_buffer.pos += 1
+            rollout_buffer.full = rollout_buffer.pos == rollout_buffer.buffer_size
+        else:
+            rollout_buffer.add(
+                obs,  # type: ignore[arg-type]
+                actions,
+                rewards,
+                model._last_episode_starts,  # type: ignore[arg-type]
+                locals_["values"],
+                locals_["log_probs"],
+            )
         model._last_obs = new_obs  # type: ignore[assignment]
         model._last_episode_starts = dones
 
