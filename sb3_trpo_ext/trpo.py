@@ -563,9 +563,7 @@ class TRPO(OnPolicyAlgorithm):
             fisher_distribution_fn=lambda: self._action_distribution(fisher_batch),
             config=self.trust_region_config,
         )
-        with th.no_grad():
-            entropy = self._action_distribution(batch).entropy()
-        self.logger.record("train/entropy_loss", float("nan") if entropy is None else -entropy.mean().item())
+        self.logger.record("train/entropy_loss", -stats.entropy)
         return stats
 
     def _critic_inputs(self, observations: PyTorchObs) -> tuple[PyTorchObs, Callable[[PyTorchObs], th.Tensor]]:

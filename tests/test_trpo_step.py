@@ -46,6 +46,11 @@ def mean_joint_kl(old_policy, new_policy, observations) -> float:
     return (kl.sum(dim=-1) if kl.dim() > 1 else kl).mean().item()
 
 
+def mean_entropy(policy, observations) -> float:
+    with th.no_grad():
+        return policy.get_distribution(observations).entropy().mean().item()
+
+
 def buffer_observations(model):
     buffer = model.rollout_buffer
     return th.as_tensor(buffer.observations.reshape(-1, *buffer.obs_shape), device=model.device)
@@ -76,6 +81,8 @@ def test_accepted_step_satisfies_kl_bound_after_whole_train(case, recording_logg
     # Measured after the critic regression too: the critic must not have moved the action distribution.
     assert 0.0 < kl <= model.target_kl * (1 + 1e-4)
     assert kl == pytest.approx(row["train/kl_divergence"], rel=1e-3)
+    # The entropy is logged for the policy the step leaves (the accepted line-search candidate).
+    assert row["train/entropy_loss"] == pytest.approx(-mean_entropy(model.policy, buffer_observations(model)), rel=1e-5)
     for before, after in zip(snapshot.policy_before.parameters(), model.policy.parameters(), strict=False):
         if any(after is p for p in model._critic_params):
             assert not th.equal(before, after), "every critic parameter is regressed"
@@ -102,6 +109,7 @@ def test_forced_line_search_failure_leaves_actor_bit_identical(monkeypatch, reco
     assert row["train/line_search_backtracks"] == model.line_search_max_iter
     assert row["train/kl_divergence"] == 0.0
     assert_actor_unchanged(snapshot, model)
+    assert row["train/entropy_loss"] == pytest.approx(-mean_entropy(model.policy, buffer_observations(model)), rel=1e-5)
 
 
 def nan_advantage(model):

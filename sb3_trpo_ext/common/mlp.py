@@ -16,10 +16,11 @@ from stable_baselines3.common.torch_layers import MlpExtractor
 from torch import nn
 
 # Supported activations: the function, and the chain rule through it given the incoming derivative and the
-# activation's output y (so no pre-activation needs keeping): tanh' = 1 - y^2, relu' = [y > 0].
+# activation's output y (so no pre-activation needs keeping): tanh' = 1 - y^2, relu' = [y > 0]. The aten kernels
+# are the ones autograd itself runs for these derivatives, one operator each.
 _ACTIVATIONS: dict[type[nn.Module], tuple[Callable | None, Callable | None]] = {
-    nn.Tanh: (th.tanh, lambda d, y: th.addcmul(d, d * y, y, value=-1)),
-    nn.ReLU: (th.relu, lambda d, y: d.masked_fill(y <= 0, 0)),
+    nn.Tanh: (th.tanh, th.ops.aten.tanh_backward),
+    nn.ReLU: (th.relu, lambda d, y: th.ops.aten.threshold_backward(d, y, 0)),
 }
 
 

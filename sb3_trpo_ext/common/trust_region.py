@@ -440,6 +440,7 @@ class TrustRegionStats:
     cg_residual: float = float("nan")
     step_size: float = 0.0
     fault: str | None = None
+    entropy: float = float("nan")  # mean entropy of the policy the step leaves (nan: not available)
 
 
 def trust_region_update(
@@ -468,7 +469,7 @@ def trust_region_update(
         return TrustRegionStats(objective=float("nan"), fault=f"invalid action distribution: {str(error)[:120]}")
     objective = objective_fn(distribution_fn())
     old_objective = objective.item()
-    stats = TrustRegionStats(objective=old_objective)
+    stats = TrustRegionStats(objective=old_objective, entropy=mean_entropy(old_distribution))
     if not math.isfinite(old_objective):
         stats.fault = "non-finite surrogate objective"
         return stats
@@ -492,12 +493,15 @@ def trust_region_update(
     full_step = math.sqrt(2.0 * config.target_kl / curvature) * direction
     expected_improvement = th.dot(gradient, full_step).item()
 
+    candidates: list[Distribution] = []
+
     def evaluate() -> tuple[float, float]:
         with th.no_grad():
             try:
                 distribution = distribution_fn()
             except ValueError:  # the candidate makes the distribution invalid: reject it like a non-finite one
                 return float("nan"), float("nan")
+            candidates.append(distribution)
             return objective_fn(distribution).item() - old_objective, joint_kl(old_distribution, distribution).mean().item()
 
     result = backtracking_line_search(
@@ -515,4 +519,12 @@ def trust_region_update(
         stats.objective = old_objective + result.improvement
         stats.improvement, stats.kl = result.improvement, result.kl
         stats.step_size = result.step_fraction * full_step.norm().item()
+        stats.entropy = mean_entropy(candidates[-1])  # the accepted candidate is the last one evaluated
     return stats
+
+
+def mean_entropy(distribution: Distribution) -> float:
+    """Mean entropy over the batch; ``nan`` for distributions without a closed form (squashed Gaussians)."""
+    with th.no_grad():
+        entropy = distribution.entropy()
+    return float("nan") if entropy is None else entropy.mean().item()
