@@ -24,6 +24,31 @@ _ACTIVATIONS: dict[type[nn.Module], tuple[Callable | None, Callable | None]] = {
 }
 
 
+def linear_layers(
+    modules: Sequence[nn.Module], is_activation: Callable[[nn.Module], bool]
+) -> list[tuple[nn.Linear, nn.Module | None]] | None:
+    """
+    Parse modules applied in order as ``Linear`` layers (with bias), each followed by at most one activation.
+    ``nn.Sequential`` containers are expanded and ``nn.Identity`` is skipped.
+
+    :param modules: The modules
+    :param is_activation: Which modules count as an activation
+    :return: ``(layer, activation after it or None)`` pairs, or ``None`` if the modules hold anything else
+    """
+    layers: list[tuple[nn.Linear, nn.Module | None]] = []
+    for module in modules:
+        for child in list(module) if isinstance(module, nn.Sequential) else [module]:
+            if type(child) is nn.Linear and child.bias is not None:
+                layers.append((child, None))
+            elif type(child) is nn.Identity:
+                continue
+            elif is_activation(child) and layers and layers[-1][1] is None:
+                layers[-1] = (layers[-1][0], child)
+            else:
+                return None
+    return layers
+
+
 def linear_chain(modules: Sequence[nn.Module]) -> "LinearChain | None":
     """
     The modules as a :class:`LinearChain`: ``Linear`` layers (with bias), each followed by at most one supported
@@ -32,20 +57,10 @@ def linear_chain(modules: Sequence[nn.Module]) -> "LinearChain | None":
     :param modules: Modules applied in order (``nn.Sequential`` containers are expanded)
     :return: The chain, or ``None`` if the modules hold anything else
     """
-    linears: list[nn.Linear] = []
-    activations: list[nn.Module | None] = []
-    for module in modules:
-        for child in list(module) if isinstance(module, nn.Sequential) else [module]:
-            if type(child) is nn.Linear and child.bias is not None:
-                linears.append(child)
-                activations.append(None)
-            elif type(child) is nn.Identity:
-                continue
-            elif type(child) in _ACTIVATIONS and activations and activations[-1] is None:
-                activations[-1] = child
-            else:
-                return None
-    return LinearChain(linears, activations) if linears else None
+    layers = linear_layers(modules, lambda module: type(module) in _ACTIVATIONS)
+    if not layers:
+        return None
+    return LinearChain([linear for linear, _ in layers], [activation for _, activation in layers])
 
 
 class LinearChain:

@@ -33,16 +33,17 @@ from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
+from sb3_trpo_ext.common.mlp import linear_layers
+
 # ``(observations, deterministic) -> (actions, values, log_prob)``, all NumPy arrays
 Forward = Callable[[np.ndarray, bool], tuple[np.ndarray, np.ndarray, np.ndarray]]
 Activation = Callable[[np.ndarray], np.ndarray]
 _LOG_SQRT_2PI = float(np.log(np.sqrt(2 * np.pi)))
 # Activations applied elementwise, so one call serves both towers; NumPy's own for the common ones.
-_ELEMENTWISE = (nn.Tanh, nn.ReLU, nn.ELU, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Softplus, nn.Identity)
+_ELEMENTWISE = (nn.Tanh, nn.ReLU, nn.ELU, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Softplus)
 _NUMPY_ACTIVATIONS: dict[type[nn.Module], Activation] = {
     nn.Tanh: np.tanh,
     nn.ReLU: lambda x: np.maximum(x, 0),
-    nn.Identity: lambda x: x,
 }
 
 
@@ -50,15 +51,7 @@ def _tower(sequential: nn.Module) -> list[tuple[nn.Linear, nn.Module | None]] | 
     """A tower as (linear layer, the activation module after it); ``None`` if it is not Linear/activation pairs."""
     if not isinstance(sequential, nn.Sequential):
         return None
-    layers: list[tuple[nn.Linear, nn.Module | None]] = []
-    for module in sequential:
-        if type(module) is nn.Linear:
-            layers.append((module, None))
-        elif isinstance(module, _ELEMENTWISE) and layers and layers[-1][1] is None:
-            layers[-1] = (layers[-1][0], module)
-        else:
-            return None
-    return layers
+    return linear_layers([sequential], lambda module: isinstance(module, _ELEMENTWISE))
 
 
 def _same_activation(a: nn.Module | None, b: nn.Module | None) -> bool:
