@@ -49,7 +49,7 @@ environments can be run in batches):
 - ``learning.md``: final evaluation return, mean ± std over seeds, per algorithm and environment, the published
   anchor and the verdicts (see ``verdicts``);
 - ``learning_runs.csv``: every run's exact command, return code, wall time and the versions of Python, torch,
-  Gymnasium, SB3, sb3-contrib, rl_zoo3 and this package, and the commit of this checkout.
+  Gymnasium, SB3, sb3-contrib, rl_zoo3 and this package, and the commit of this checkout when the run started.
 """
 
 import argparse
@@ -285,6 +285,7 @@ def execute(run: Run, runs_dir: Path, force: bool) -> str:
     command = command_for(run, directory, config_for(run, directory))
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    launched_with = versions()  # the code the subprocess imports is the checkout's at launch, not at exit
     start = time.perf_counter()
     with open(directory / "train.log", "w") as log:
         returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
@@ -300,7 +301,7 @@ def execute(run: Run, runs_dir: Path, force: bool) -> str:
         "returncode": returncode,
         "wall_s": round(wall, 1),
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **versions(),
+        **launched_with,
     }
     (directory / "run.json").write_text(json.dumps(record, indent=2))
     if returncode == 0:
