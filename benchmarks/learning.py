@@ -11,7 +11,8 @@ Useful options: ``--envs CartPole-v1 Hopper-v5``, ``--seeds 0 1 2 3 4``, ``--alg
 (overrides every environment's budget), ``--eval-freq``/``--eval-episodes`` (override the protocol), ``--jobs``
 (parallel runs, default 2 for a 2-core machine), ``--runs-dir`` (raw runs, default ``benchmarks/runs/``, ignored
 by git), ``--out`` (aggregated results, default ``benchmarks/results/``), ``--report-only`` (aggregate what is
-there, train nothing), ``--force`` (rerun finished runs).
+there, train nothing), ``--force`` (rerun finished runs), ``--conf-file`` (a candidate YAML for ``trpo_ext``: how
+tuning candidates are measured with exactly this protocol, into their own ``--runs-dir`` and ``--out``).
 
 How a run is made: one subprocess per (environment, algorithm, seed)::
 
@@ -187,15 +188,19 @@ def contrib_config(env: str) -> tuple[dict[str, Any], str]:
     raise KeyError(f"no entry for {env} (or {ZOO_ALIASES.get(env, ())}) in {zoo_trpo_file()}")
 
 
-def config_for(run: Run, directory: Path) -> Path:
+def config_for(run: Run, directory: Path, ours: Path | None = None) -> Path:
     """
-    The hyperparameter file of ``run``: ours as shipped, or the zoo's entry written under ``run.env``.
+    The hyperparameter file of ``run``: ours (as shipped, or ``ours``), or the zoo's entry written under ``run.env``.
 
     :param run: The run
     :param directory: Its directory, where a derived file is written
+    :param ours: A candidate file for ``trpo_ext`` runs instead of the shipped one (tuning); copied into ``directory``
+        so the run stays reproducible after the candidate is edited or deleted
     :return: Path of the YAML file to pass as ``--conf-file``
     """
     if run.algo == "trpo_ext":
+        if ours is not None:
+            return Path(shutil.copy(ours, directory / "trpo_ext_candidate.yml"))
         from sb3_trpo_ext.zoo import config_file
 
         return config_file("trpo_ext")
@@ -268,13 +273,14 @@ def is_finished(run: Run, runs_dir: Path) -> bool:
     return len(timesteps) > 0 and timesteps[-1] + run.eval_freq >= run.budget
 
 
-def execute(run: Run, runs_dir: Path, force: bool) -> str:
+def execute(run: Run, runs_dir: Path, force: bool, ours: Path | None = None) -> str:
     """
     Train ``run`` in a subprocess unless it is finished (or ``force``); record command, versions and wall time.
 
     :param run: The run
     :param runs_dir: Root of the run directories
     :param force: Rerun even if finished
+    :param ours: Candidate hyperparameter file for ``trpo_ext`` (see ``config_for``), default the shipped one
     :return: A one-line status
     """
     directory = run.directory(runs_dir)
@@ -282,7 +288,7 @@ def execute(run: Run, runs_dir: Path, force: bool) -> str:
         return f"skip  {run.env} {run.algo} seed {run.seed} (finished)"
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
-    command = command_for(run, directory, config_for(run, directory))
+    command = command_for(run, directory, config_for(run, directory, ours))
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     launched_with = versions()  # the code the subprocess imports is the checkout's at launch, not at exit
@@ -516,6 +522,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one process each)")
     parser.add_argument("--runs-dir", type=Path, default=REPO / "benchmarks" / "runs")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument(
+        "--conf-file",
+        type=Path,
+        default=None,
+        help="hyperparameter YAML for trpo_ext instead of zoo_configs/trpo_ext.yml (tuning candidates; "
+        "give them their own --runs-dir and --out)",
+    )
     parser.add_argument("--force", action="store_true", help="rerun finished runs")
     parser.add_argument("--report-only", action="store_true", help="aggregate existing runs, train nothing")
     return parser.parse_args()
@@ -539,7 +552,7 @@ def main() -> None:
     ]
     if not args.report_only:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = [pool.submit(execute, run, args.runs_dir, args.force) for run in runs]
+            futures = [pool.submit(execute, run, args.runs_dir, args.force, args.conf_file) for run in runs]
             for future in as_completed(futures):
                 print(future.result(), flush=True)
     report(args.runs_dir, args.out)
