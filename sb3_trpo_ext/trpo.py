@@ -327,7 +327,13 @@ class TRPO(OnPolicyAlgorithm):
                     f"`n_steps * n_envs` must be > 1 when `normalize_advantage=True` (the advantage std is undefined "
                     f"for one sample), got n_steps={n_steps} and n_envs={self.n_envs}"
                 )
-            if buffer_size % batch_size > 0:
+            if batch_size > buffer_size:
+                warnings.warn(
+                    f"The critic minibatch size `batch_size={batch_size}` exceeds the rollout size "
+                    f"`n_steps * n_envs = {buffer_size}`: every epoch is one minibatch of {buffer_size} samples.",
+                    stacklevel=2,
+                )
+            elif buffer_size % batch_size > 0:
                 warnings.warn(
                     f"The critic minibatch size `batch_size={batch_size}` does not divide the rollout size "
                     f"`n_steps * n_envs = {buffer_size}`: every epoch ends with a truncated minibatch of "

@@ -113,3 +113,12 @@ def test_critic_step_equals_the_autograd_critic_step(policy_kwargs, hand_written
             th.testing.assert_close(fast_optimizer["state"][index][name], value, rtol=1e-4, atol=1e-7)
     # The standard MLP critic takes the hand-written path; anything it does not implement falls back.
     assert any(r is not None for r in results) == hand_written
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "message"),
+    [(48, "does not divide .* truncated minibatch of 32 samples"), (256, "exceeds .* one minibatch of 128 samples")],
+)
+def test_minibatch_size_that_does_not_tile_the_rollout_warns_with_what_happens(batch_size, message):
+    with pytest.warns(UserWarning, match=message):
+        TRPO("MlpPolicy", make_vec_env(TargetEnv, n_envs=2, seed=0), n_steps=64, batch_size=batch_size)
