@@ -493,7 +493,7 @@ def trust_region_update(
     full_step = math.sqrt(2.0 * config.target_kl / curvature) * direction
     expected_improvement = th.dot(gradient, full_step).item()
 
-    candidates: list[Distribution] = []
+    last_candidate: list[Distribution] = []  # only the latest is needed: an accepted candidate ends the search
 
     def evaluate() -> tuple[float, float]:
         with th.no_grad():
@@ -501,7 +501,7 @@ def trust_region_update(
                 distribution = distribution_fn()
             except ValueError:  # the candidate makes the distribution invalid: reject it like a non-finite one
                 return float("nan"), float("nan")
-            candidates.append(distribution)
+            last_candidate[:] = [distribution]
             return objective_fn(distribution).item() - old_objective, joint_kl(old_distribution, distribution).mean().item()
 
     result = backtracking_line_search(
@@ -519,7 +519,7 @@ def trust_region_update(
         stats.objective = old_objective + result.improvement
         stats.improvement, stats.kl = result.improvement, result.kl
         stats.step_size = result.step_fraction * full_step.norm().item()
-        stats.entropy = mean_entropy(candidates[-1])  # the accepted candidate is the last one evaluated
+        stats.entropy = mean_entropy(last_candidate[0])
     return stats
 
 
