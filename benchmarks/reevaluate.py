@@ -1,0 +1,169 @@
+"""
+Re-evaluate the final policies of the learning benchmark with many more episodes.
+
+``benchmarks/learning.py`` judges a run by its last evaluation: 10 deterministic episodes. With three seeds,
+that number moves by more than the gaps it is asked to decide (Acrobot-v1's final policies differ by a few
+steps per episode). This script loads the final model that rl_zoo3 saved at the end of each finished run
+(``<env>.zip`` and its frozen ``VecNormalize`` statistics) and evaluates it again, the way ``rl_zoo3 enjoy``
+builds its environment (``create_test_env`` with the run's saved hyperparameters), deterministic, with
+``--episodes`` episodes (default 50) on an environment seeded with ``--seed-offset + seed`` (default 10,000 +
+seed), so that no episode repeats the benchmark's own evaluation. It adds a second, more precise measurement of
+the same final policies; it does not replace the benchmark's protocol or its verdicts.
+
+The one command (from the repository root, after the benchmark's runs exist)::
+
+    python benchmarks/reevaluate.py                       # every finished run under benchmarks/runs/
+
+Options: ``--envs``, ``--episodes``, ``--seed-offset``, ``--runs-dir``, ``--out``. Writes
+``reevaluation.csv`` (one row per run: env, algo, seed, episodes, mean and std of the episode returns, the
+run's last benchmark evaluation for comparison) and ``reevaluation.md`` (mean ± std over seeds, per algorithm,
+beside the published figure, with the same verdict rule as ``learning.md``) into ``--out``.
+"""
+
+import argparse
+import contextlib
+import io
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch as th
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from learning import (  # the sibling module, found by the path above
+    ALGO_LABELS,
+    ALGOS,
+    ENVS,
+    PUBLISHED_SOURCE,
+    REPO,
+    Run,
+    evaluations_file,
+    format_result,
+    load_evaluations,
+    recorded_runs,
+    verdicts,
+    write_csv,
+)
+
+
+def final_model(run: Run, runs_dir: Path) -> tuple[Path, Path]:
+    """The final model rl_zoo3 saved for ``run`` and the folder of its saved hyperparameters and statistics."""
+    log_folder = sorted((run.directory(runs_dir) / "zoo" / run.algo).glob(f"{run.env}_*"))[-1]
+    return log_folder / f"{run.env}.zip", log_folder / run.env
+
+
+def reevaluate(run: Run, runs_dir: Path, episodes: int, seed: int) -> list[float]:
+    """
+    Deterministic returns of ``episodes`` episodes of the run's final policy, in ``rl_zoo3 enjoy``'s environment.
+
+    :param run: A finished run
+    :param runs_dir: Where the runs are
+    :param episodes: Number of episodes
+    :param seed: Seed of the evaluation environment
+    :return: The episode returns (true returns: the environment is Monitor-wrapped, rewards unnormalised)
+    """
+    from rl_zoo3.utils import ALGOS as ZOO_ALGOS
+    from rl_zoo3.utils import create_test_env, get_saved_hyperparams
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    model_path, stats_path = final_model(run, runs_dir)
+    hyperparams, stats = get_saved_hyperparams(str(stats_path), norm_reward=False, test_mode=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # rl_zoo3 prints what it loads; the table says it once
+        env = create_test_env(run.env, n_envs=1, stats_path=stats, seed=seed, should_render=False, hyperparams=hyperparams)
+    try:
+        model = ZOO_ALGOS[run.algo].load(model_path, device="cpu")
+        returns, _ = evaluate_policy(model, env, n_eval_episodes=episodes, deterministic=True, return_episode_rewards=True)
+    finally:
+        env.close()
+    return [float(r) for r in returns]
+
+
+def markdown(rows: list[dict[str, Any]], episodes: int, seed_offset: int, command: str) -> str:
+    """The table of ``reevaluation.md``."""
+    lines = [
+        "# Learning results, final policies re-evaluated",
+        "",
+        f"Command: `{command}`. Each finished run's final model (rl_zoo3's `<env>.zip`, frozen `VecNormalize`",
+        f"statistics) evaluated again: {episodes} deterministic episodes on an environment seeded with",
+        f"{seed_offset} + the run's seed, built as `rl_zoo3 enjoy` builds it. Per run, the mean episode return; then",
+        "mean ± std over seeds. The benchmark's own figure (last evaluation, 10 episodes; `learning.md`) is",
+        "beside it. Verdicts use `learning.md`'s rule on these means; `learning.md` remains the benchmark's result.",
+        "",
+        f"Published anchor: {PUBLISHED_SOURCE}.",
+        "",
+        "| env | ours, re-evaluated | sb3-contrib, re-evaluated | ours, benchmark | sb3-contrib, benchmark "
+        "| published | ours vs published | ours vs sb3-contrib |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for env in dict.fromkeys(row["env"] for row in rows):
+
+        def column(algo: str, key: str, env: str = env) -> list[float]:
+            return [row[key] for row in rows if row["env"] == env and row["algo"] == algo]
+
+        ours, contrib = column("trpo_ext", "mean_return"), column("trpo", "mean_return")
+        anchor, versus = verdicts(ours, contrib, ENVS[env])
+        lines.append(
+            f"| {env} | {format_result(ours)} | {format_result(contrib)} "
+            f"| {format_result(column('trpo_ext', 'benchmark_return'))} | {format_result(column('trpo', 'benchmark_return'))} "
+            f"| {ENVS[env].published:g} | {anchor} | {versus} |"
+        )
+    lines += ["", "Per run:", "", "| env | algo | seed | re-evaluated (mean ± std over episodes) | benchmark |"]
+    lines.append("|---|---|---|---|---|")
+    for row in rows:
+        lines.append(
+            f"| {row['env']} | {ALGO_LABELS[row['algo']]} | {row['seed']} "
+            f"| {row['mean_return']:.1f} ± {row['std_return']:.1f} | {row['benchmark_return']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--envs", nargs="+", default=None, help="Environments (default: every finished one)")
+    parser.add_argument("--episodes", type=int, default=50, help="Evaluation episodes per run")
+    parser.add_argument("--seed-offset", type=int, default=10_000, help="Evaluation env seed = offset + run seed")
+    parser.add_argument("--runs-dir", type=Path, default=REPO / "benchmarks" / "runs")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+    if args.episodes < 1:
+        parser.error(f"--episodes must be >= 1, got {args.episodes}")
+    th.set_num_threads(1)
+
+    from sb3_trpo_ext.zoo import register
+
+    register()
+    rows = []
+    for run, _ in recorded_runs(args.runs_dir):
+        if (args.envs is not None and run.env not in args.envs) or run.env not in ENVS or run.algo not in ALGOS:
+            continue
+        path = evaluations_file(run, args.runs_dir)
+        assert path is not None  # recorded runs finished
+        start = time.perf_counter()
+        returns = reevaluate(run, args.runs_dir, args.episodes, args.seed_offset + run.seed)
+        row = {
+            "env": run.env,
+            "algo": run.algo,
+            "seed": run.seed,
+            "episodes": len(returns),
+            "mean_return": statistics.fmean(returns),
+            "std_return": statistics.pstdev(returns),
+            "benchmark_return": float(np.mean(load_evaluations(path)[1][-1])),
+        }
+        rows.append(row)
+        print(
+            f"{run.env} {run.algo} seed {run.seed}: {row['mean_return']:.1f} over {len(returns)} episodes "
+            f"(benchmark {row['benchmark_return']:.1f}) in {time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "reevaluation.csv", rows)
+    command = "python benchmarks/reevaluate.py " + " ".join(sys.argv[1:])
+    (args.out / "reevaluation.md").write_text(markdown(rows, args.episodes, args.seed_offset, command.strip()))
+    print(f"Wrote {args.out / 'reevaluation.md'} and {args.out / 'reevaluation.csv'}")
+
+
+if __name__ == "__main__":
+    main()
