@@ -51,7 +51,10 @@ from learning import (  # the sibling module, found by the path above
 
 def final_model(run: Run, runs_dir: Path) -> tuple[Path, Path]:
     """The final model rl_zoo3 saved for ``run`` and the folder of its saved hyperparameters and statistics."""
-    log_folder = sorted((run.directory(runs_dir) / "zoo" / run.algo).glob(f"{run.env}_*"))[-1]
+    evaluations = evaluations_file(run, runs_dir)
+    if evaluations is None:
+        raise FileNotFoundError(f"no rl_zoo3 log folder for {run} under {runs_dir}")
+    log_folder = evaluations.parent  # rl_zoo3 writes evaluations.npz, the model and its stats folder side by side
     return log_folder / f"{run.env}.zip", log_folder / run.env
 
 
