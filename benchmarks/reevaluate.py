@@ -14,14 +14,17 @@ The one command (from the repository root, after the benchmark's runs exist)::
 
     python benchmarks/reevaluate.py                       # every finished run under benchmarks/runs/
 
-Options: ``--envs``, ``--episodes``, ``--seed-offset``, ``--runs-dir``, ``--out``. Writes
-``reevaluation.csv`` (one row per run: env, algo, seed, episodes, mean and std of the episode returns, the
-run's last benchmark evaluation for comparison) and ``reevaluation.md`` (mean ± std over seeds, per algorithm,
+Options: ``--envs`` (evaluate only these; the other environments' rows of an earlier ``reevaluation.csv`` in
+``--out`` made with the same ``--episodes`` and ``--seed-offset`` are kept), ``--episodes``, ``--seed-offset``,
+``--runs-dir``, ``--out``. Writes
+``reevaluation.csv`` (one row per run: env, algo, seed, episodes, seed offset, mean and std of the episode
+returns, the run's last benchmark evaluation for comparison) and ``reevaluation.md`` (mean ± std over seeds, per algorithm,
 beside the published figure, with the same verdict rule as ``learning.md``) into ``--out``.
 """
 
 import argparse
 import contextlib
+import csv
 import io
 import statistics
 import sys
@@ -84,12 +87,45 @@ def reevaluate(run: Run, runs_dir: Path, episodes: int, seed: int) -> list[float
     return [float(r) for r in returns]
 
 
-def markdown(rows: list[dict[str, Any]], episodes: int, seed_offset: int, command: str) -> str:
-    """The table of ``reevaluation.md``."""
+def kept_rows(path: Path, new_rows: list[dict[str, Any]], episodes: int, seed_offset: int) -> list[dict[str, Any]]:
+    """
+    The rows of an earlier ``reevaluation.csv`` for the environments this call did not evaluate, so that a run
+    with ``--envs`` updates those environments and keeps the rest of the table. Rows made with another number of
+    episodes or seed offset are dropped: one table, one protocol.
+
+    :param path: The earlier CSV (may be missing)
+    :param new_rows: This call's rows
+    :param episodes: This call's ``--episodes``
+    :param seed_offset: This call's ``--seed-offset``
+    :return: The earlier rows to keep, typed as ``main`` writes them
+    """
+    if not path.exists():
+        return []
+    evaluated = {row["env"] for row in new_rows}
+    kept = []
+    with open(path, newline="") as file:
+        for row in csv.DictReader(file):
+            same_protocol = int(row["episodes"]) == episodes and int(row.get("seed_offset", -1)) == seed_offset
+            if row["env"] not in evaluated and same_protocol:
+                kept.append(
+                    {
+                        **row,
+                        "seed": int(row["seed"]),
+                        "episodes": int(row["episodes"]),
+                        "seed_offset": int(row["seed_offset"]),
+                        **{key: float(row[key]) for key in ("mean_return", "std_return", "benchmark_return")},
+                    }
+                )
+    return kept
+
+
+def markdown(rows: list[dict[str, Any]], episodes: int, seed_offset: int, command: str, merged: bool) -> str:
+    """The table of ``reevaluation.md``; ``merged``: some rows were kept from an earlier call (``--envs``)."""
+    kept = " (the other environments' rows kept from an earlier call with the same protocol)" if merged else ""
     lines = [
         "# Learning results, final policies re-evaluated",
         "",
-        f"Command: `{command}`. Each finished run's final model (rl_zoo3's `<env>.zip`, frozen `VecNormalize`",
+        f"Command: `{command}`{kept}. Each finished run's final model (rl_zoo3's `<env>.zip`, frozen `VecNormalize`",
         f"statistics) evaluated again: {episodes} deterministic episodes on an environment seeded with",
         f"{seed_offset} + the run's seed, built as `rl_zoo3 enjoy` builds it. Per run, the mean episode return; then",
         "mean ± std over seeds. The benchmark's own figure (last evaluation, 10 episodes; `learning.md`) is",
@@ -151,6 +187,7 @@ def main() -> None:
             "algo": run.algo,
             "seed": run.seed,
             "episodes": len(returns),
+            "seed_offset": args.seed_offset,
             "mean_return": statistics.fmean(returns),
             "std_return": statistics.pstdev(returns),
             "benchmark_return": float(np.mean(load_evaluations(path)[1][-1])),
@@ -162,9 +199,15 @@ def main() -> None:
             flush=True,
         )
     args.out.mkdir(parents=True, exist_ok=True)
+    evaluated = {row["env"] for row in rows}
+    if args.envs is not None:
+        rows = kept_rows(args.out / "reevaluation.csv", rows, args.episodes, args.seed_offset) + rows
+        order = {env: i for i, env in enumerate(ENVS)}
+        rows.sort(key=lambda row: (order[row["env"]], ALGOS.index(row["algo"]), row["seed"]))
     write_csv(args.out / "reevaluation.csv", rows)
     command = "python benchmarks/reevaluate.py " + " ".join(sys.argv[1:])
-    (args.out / "reevaluation.md").write_text(markdown(rows, args.episodes, args.seed_offset, command.strip()))
+    merged = any(row["env"] not in evaluated for row in rows)
+    (args.out / "reevaluation.md").write_text(markdown(rows, args.episodes, args.seed_offset, command.strip(), merged))
     print(f"Wrote {args.out / 'reevaluation.md'} and {args.out / 'reevaluation.csv'}")
 
 
