@@ -87,21 +87,20 @@ def reevaluate(run: Run, runs_dir: Path, episodes: int, seed: int) -> list[float
     return [float(r) for r in returns]
 
 
-def kept_rows(path: Path, new_rows: list[dict[str, Any]], episodes: int, seed_offset: int) -> list[dict[str, Any]]:
+def kept_rows(path: Path, evaluated: set[str], episodes: int, seed_offset: int) -> list[dict[str, Any]]:
     """
     The rows of an earlier ``reevaluation.csv`` for the environments this call did not evaluate, so that a run
     with ``--envs`` updates those environments and keeps the rest of the table. Rows made with another number of
     episodes or seed offset are dropped: one table, one protocol.
 
     :param path: The earlier CSV (may be missing)
-    :param new_rows: This call's rows
+    :param evaluated: The environments this call evaluated
     :param episodes: This call's ``--episodes``
     :param seed_offset: This call's ``--seed-offset``
     :return: The earlier rows to keep, typed as ``main`` writes them
     """
     if not path.exists():
         return []
-    evaluated = {row["env"] for row in new_rows}
     kept = []
     with open(path, newline="") as file:
         for row in csv.DictReader(file):
@@ -201,7 +200,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     evaluated = {row["env"] for row in rows}
     if args.envs is not None:
-        rows = kept_rows(args.out / "reevaluation.csv", rows, args.episodes, args.seed_offset) + rows
+        rows = kept_rows(args.out / "reevaluation.csv", evaluated, args.episodes, args.seed_offset) + rows
         order = {env: i for i, env in enumerate(ENVS)}
         rows.sort(key=lambda row: (order[row["env"]], ALGOS.index(row["algo"]), row["seed"]))
     write_csv(args.out / "reevaluation.csv", rows)
