@@ -493,15 +493,16 @@ def trust_region_update(
     full_step = math.sqrt(2.0 * config.target_kl / curvature) * direction
     expected_improvement = th.dot(gradient, full_step).item()
 
-    last_candidate: list[Distribution] = []  # only the latest is needed: an accepted candidate ends the search
+    last_candidate: Distribution | None = None  # an accepted candidate ends the search, so it is the last one
 
     def evaluate() -> tuple[float, float]:
+        nonlocal last_candidate
         with th.no_grad():
             try:
                 distribution = distribution_fn()
             except ValueError:  # the candidate makes the distribution invalid: reject it like a non-finite one
                 return float("nan"), float("nan")
-            last_candidate[:] = [distribution]
+            last_candidate = distribution
             return objective_fn(distribution).item() - old_objective, joint_kl(old_distribution, distribution).mean().item()
 
     result = backtracking_line_search(
@@ -519,7 +520,8 @@ def trust_region_update(
         stats.objective = old_objective + result.improvement
         stats.improvement, stats.kl = result.improvement, result.kl
         stats.step_size = result.step_fraction * full_step.norm().item()
-        stats.entropy = mean_entropy(last_candidate[0])
+        assert last_candidate is not None  # a successful search evaluated at least one candidate
+        stats.entropy = mean_entropy(last_candidate)
     return stats
 
 
