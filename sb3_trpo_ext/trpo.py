@@ -54,11 +54,12 @@ from sb3_trpo_ext.common.faults import (
     optimizer_tensors,
     rollout_fault,
 )
-from sb3_trpo_ext.common.mlp import LinearChain, critic_chain
+from sb3_trpo_ext.common.mlp import LinearChain, actor_chain, critic_chain
 from sb3_trpo_ext.common.rollout import collect_rollouts, fused_forward
 from sb3_trpo_ext.common.trust_region import (
     TrustRegionConfig,
     TrustRegionStats,
+    chain_fisher_vector_product,
     distribution_statistics,
     trust_region_update,
 )
@@ -568,9 +569,30 @@ class TRPO(OnPolicyAlgorithm):
             distribution_fn=lambda: self._action_distribution(batch),
             fisher_distribution_fn=lambda: self._action_distribution(fisher_batch),
             config=self.trust_region_config,
+            fisher_product_fn=lambda: self._fisher_product(fisher_batch),
         )
         self.logger.record("train/entropy_loss", -stats.entropy)
         return stats
+
+    def _fisher_product(self, batch: NamedTuple) -> Callable[[th.Tensor], th.Tensor] | None:
+        """
+        Hook: ``v -> F v`` on a Fisher batch computed by hand (:func:`chain_fisher_vector_product`) when the actor is
+        SB3's standard MLP head on parameter-free features; ``None`` lets the generic autograd product run.
+
+        :param batch: Fisher batch from :meth:`_policy_batch`
+        :return: The product at the current parameters, or ``None``
+        """
+        policy = self.policy
+        chain = actor_chain(policy)
+        actor_ids = {id(p) for p in self._actor_params}
+        if chain is None or any(id(p) in actor_ids for p in policy.pi_features_extractor.parameters()):
+            return None
+        with th.no_grad():
+            features = BaseModel.extract_features(policy, batch.observations, policy.pi_features_extractor)  # type: ignore[attr-defined]
+            distribution = self._action_distribution(batch)
+        if not isinstance(features, th.Tensor):
+            return None
+        return chain_fisher_vector_product(self._actor_params, chain, features, distribution, getattr(policy, "log_std", None))
 
     def _critic_inputs(self, observations: PyTorchObs) -> tuple[PyTorchObs, Callable[[PyTorchObs], th.Tensor]]:
         """

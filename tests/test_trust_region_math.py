@@ -220,3 +220,93 @@ def test_analytic_fisher_vector_product_handles_parameters_tied_across_modules(f
     vector = th.randn(sum(p.numel() for p in params), dtype=th.float64, generator=th.Generator().manual_seed(4))
     expected = reference_kl_hessian_vector_product(policy, params, observations, vector)
     assert ((product(vector) - expected).norm() / expected.norm()).item() <= 1e-8
+
+
+CHAIN_KINDS = ["DiagGaussian", "Categorical", "MultiCategorical", "Bernoulli"]
+
+
+def chain_product(model, policy, observations):
+    """The hand-written product the model builds for a Fisher batch of ``observations``."""
+    from collections import namedtuple
+
+    return model._fisher_product(namedtuple("Batch", "observations")(observations))
+
+
+@pytest.mark.parametrize("kind", CHAIN_KINDS)
+@pytest.mark.parametrize("activation", [th.nn.Tanh, th.nn.ReLU])
+def test_chain_fisher_vector_product_equals_kl_hessian(kind, activation, float64_policies):
+    space, kwargs = ACTION_SPACES[kind]
+    kwargs = {**kwargs, "policy_kwargs": {"activation_fn": activation, "net_arch": [16, 8]}}
+    model, policy, observations = make_float64_policy(space, kwargs)
+    params = model._actor_params
+    product = chain_product(model, policy, observations)
+    assert product is not None, f"{kind} must use the chain Fisher-vector product"
+    generator = th.Generator().manual_seed(5)
+    for _ in range(3):
+        vector = th.randn(sum(p.numel() for p in params), generator=generator, dtype=th.float64)
+        expected = reference_kl_hessian_vector_product(policy, params, observations, vector)
+        assert ((product(vector) - expected).norm() / expected.norm()).item() <= 1e-10
+
+
+def test_chain_jvp_matches_forward_mode_autodiff():
+    from sb3_trpo_ext.common.mlp import linear_chain
+
+    th.manual_seed(0)
+    modules = [th.nn.Linear(5, 7), th.nn.ReLU(), th.nn.Linear(7, 6), th.nn.Tanh(), th.nn.Linear(6, 3)]
+    chain = linear_chain([m.double() for m in modules])
+    weights = [p.detach() for p in chain.parameters]
+    tangents = [th.randn_like(w) for w in weights]
+    inputs = th.randn(11, 5, dtype=th.float64)
+    _, expected = th.func.jvp(lambda *w: chain.at(w).forward(inputs)[-1], tuple(weights), tuple(tangents))
+    bound = chain.at(weights)
+    assert th.allclose(bound.jvp(bound.forward(inputs), tangents), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_chain_fisher_vector_product_declines_other_actors(float64_policies):
+    from sb3_trpo_ext.common.mlp import actor_chain
+
+    # gSDE: the standard deviation depends on the state
+    model, policy, observations = make_float64_policy(*ACTION_SPACES["gSDE"])
+    assert chain_product(model, policy, observations) is None
+    # a parameter the chain does not hold (tied into a second module): autograd handles it
+    model, policy, observations = make_float64_policy(*ACTION_SPACES["Categorical"])
+    chain = actor_chain(policy)
+    features = policy.extract_features(observations)
+    distribution = policy.get_distribution(observations)
+    extra = th.nn.Parameter(th.zeros(1, dtype=th.float64))
+    assert trust_region.chain_fisher_vector_product([*model._actor_params, extra], chain, features, distribution) is None
+    # a distribution that the chain does not compute (here: other inputs)
+    assert trust_region.chain_fisher_vector_product(model._actor_params, chain, features + 1, distribution) is None
+
+    # a policy whose get_distribution is not SB3's
+    class CustomPolicy(type(policy)):
+        def get_distribution(self, obs):
+            return super().get_distribution(obs * 2)
+
+    policy.__class__ = CustomPolicy
+    assert actor_chain(policy) is None
+
+
+def test_trpo_uses_the_chain_product_for_mlp_actors_only(monkeypatch):
+    from sb3_contrib.common.envs import InvalidActionEnvDiscrete
+    from stable_baselines3.common.envs import FakeImageEnv
+
+    from sb3_trpo_ext import MaskableTRPO, RecurrentTRPO
+    from sb3_trpo_ext import trpo as trpo_module
+
+    built = []
+    original = trpo_module.chain_fisher_vector_product
+
+    def spy(*args, **kwargs):
+        built.append(original(*args, **kwargs) is not None)
+        return None  # the generic product then runs: the step must not depend on which one was built
+
+    monkeypatch.setattr(trpo_module, "chain_fisher_vector_product", spy)
+    TRPO("MlpPolicy", IdentityEnv(space=spaces.Discrete(3)), n_steps=8, batch_size=8).learn(16)
+    assert built == [True, True]
+    built.clear()
+    # a trainable shared CNN extractor, an LSTM, masked logits: not a chain on fixed features
+    TRPO("CnnPolicy", FakeImageEnv(screen_height=36, screen_width=36), n_steps=4, batch_size=4).learn(4)
+    RecurrentTRPO("MlpLstmPolicy", IdentityEnv(space=spaces.Discrete(3)), n_steps=8, batch_size=8).learn(8)
+    MaskableTRPO("MlpPolicy", InvalidActionEnvDiscrete(dim=4, n_invalid_actions=1), n_steps=8, batch_size=8).learn(8)
+    assert built == []

@@ -174,7 +174,7 @@ def regress_mlp(
     with th.no_grad():
         flat = flat_concat(params)
         grad = th.empty_like(flat)
-        weights, grads = unflatten_like(flat, params), unflatten_like(grad, params)
+        bound, grads = chain.at(unflatten_like(flat, params)), unflatten_like(grad, params)
         step = th.tensor(float(adam.step))
         errors: list[th.Tensor] = []  # the loss is only reported: summed once at the end, not at every step
         for _ in range(n_epochs):
@@ -183,10 +183,10 @@ def regress_mlp(
             input_batches = inputs[permutation].split(batch_size)
             target_batches = targets[permutation].unsqueeze(1).split(batch_size)
             for x, y in zip(input_batches, target_batches, strict=True):
-                outputs = chain.forward(weights, x)
+                outputs = bound.forward(x)
                 error = outputs[-1] - y
                 errors.append(error)
-                chain.vjp(weights, outputs, error * (2 / len(y)), out=grads)
+                bound.vjp(outputs, error * (2 / len(y)), out=grads)
                 adam_update(flat, grad, adam.exp_avg, adam.exp_avg_sq, step, settings)
         adam.step = int(step.item())
         adam.store()

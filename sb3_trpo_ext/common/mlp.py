@@ -65,10 +65,8 @@ def linear_chain(modules: Sequence[nn.Module]) -> "LinearChain | None":
 
 class LinearChain:
     """
-    ``x -> a_L(W_L ... a_1(W_1 x + b_1) ... + b_L)`` on given weight tensors.
-
-    The weights are passed explicitly (``[W_1, b_1, W_2, b_2, ...]``, e.g. views of one flat vector) so that
-    callers can update them in place or evaluate derivatives at fixed values.
+    The structure of ``x -> a_L(W_L ... a_1(W_1 x + b_1) ... + b_L)``: its parameters and activations. Evaluate
+    it on explicit weight tensors with :meth:`at`.
 
     :param linears: The layers
     :param activations: The activation after each layer (``None``: none), of a type in ``_ACTIVATIONS``
@@ -78,37 +76,95 @@ class LinearChain:
         self.parameters: list[th.Tensor] = [p for linear in linears for p in (linear.weight, linear.bias)]
         self.activations = [(None, None) if a is None else _ACTIVATIONS[type(a)] for a in activations]
 
-    def forward(self, weights: Sequence[th.Tensor], x: th.Tensor) -> list[th.Tensor]:
+    def at(self, weights: Sequence[th.Tensor]) -> "BoundChain":
         """
-        :param weights: ``[W_1, b_1, ...]``
+        :param weights: ``[W_1, b_1, ...]`` (e.g. views of one flat vector, updated in place by the caller)
+        :return: The chain evaluated at these weights
+        """
+        return BoundChain(self, weights)
+
+
+class BoundChain:
+    """
+    A :class:`LinearChain` at given weights: forward pass and closed-form derivatives w.r.t. the weights. The
+    weights are held by reference, so in-place updates of them are seen by later calls.
+
+    :param chain: The structure
+    :param weights: ``[W_1, b_1, ...]``
+    """
+
+    def __init__(self, chain: LinearChain, weights: Sequence[th.Tensor]):
+        # Per layer: W, W^T (a view, made once: these methods run hundreds of times per update), b, activation and
+        # its backward rule.
+        self.layers = [
+            (weights[2 * i], weights[2 * i].T, weights[2 * i + 1], activation, backward)
+            for i, (activation, backward) in enumerate(chain.activations)
+        ]
+
+    def forward(self, x: th.Tensor) -> list[th.Tensor]:
+        """
         :param x: Input batch
         :return: The input and every layer's output (after its activation); the last one is the chain's output
         """
         outputs = [x]
-        for i, (activation, _) in enumerate(self.activations):
-            h = th.addmm(weights[2 * i + 1], outputs[-1], weights[2 * i].T)
+        for _, weight_t, bias, activation, _ in self.layers:
+            h = th.addmm(bias, outputs[-1], weight_t)
             outputs.append(h if activation is None else activation(h))
         return outputs
 
-    def vjp(
-        self, weights: Sequence[th.Tensor], outputs: Sequence[th.Tensor], upstream: th.Tensor, out: Sequence[th.Tensor]
-    ) -> None:
+    def jvp(self, outputs: Sequence[th.Tensor], tangents: Sequence[th.Tensor]) -> th.Tensor:
+        """
+        Derivative of the chain's output when the weights move along ``tangents`` (the input held fixed).
+
+        :param outputs: :meth:`forward`'s result
+        :param tangents: Directions shaped like the weights
+        :return: Tensor shaped like the chain's output
+        """
+        derivative: th.Tensor | None = None
+        for i, (_, weight_t, _, _, backward) in enumerate(self.layers):
+            # d(W h + b) = dW h + db + W dh; the first layer's input is fixed, so its dh is zero.
+            pre = th.addmm(tangents[2 * i + 1], outputs[i], tangents[2 * i].T)
+            if derivative is not None:
+                pre.addmm_(derivative, weight_t)
+            # The activations act elementwise: their Jacobian is diagonal, so the backward rule is also the forward one.
+            derivative = pre if backward is None else backward(pre, outputs[i + 1])
+        assert derivative is not None  # a chain has at least one layer
+        return derivative
+
+    def vjp(self, outputs: Sequence[th.Tensor], upstream: th.Tensor, out: Sequence[th.Tensor]) -> None:
         """
         Gradient of ``sum(upstream * chain(x))`` w.r.t. the weights, written into ``out``.
 
-        :param weights: ``[W_1, b_1, ...]``
-        :param outputs: :meth:`forward`'s result at these weights
+        :param outputs: :meth:`forward`'s result
         :param upstream: Derivative w.r.t. the chain's output
-        :param out: Tensors shaped like ``weights`` that receive the gradient
+        :param out: Tensors shaped like the weights that receive the gradient
         """
-        for i in range(len(self.activations) - 1, -1, -1):
-            backward = self.activations[i][1]
+        for i in range(len(self.layers) - 1, -1, -1):
+            weight, _, _, _, backward = self.layers[i]
             if backward is not None:
                 upstream = backward(upstream, outputs[i + 1])
             th.mm(upstream.T, outputs[i], out=out[2 * i])
             th.sum(upstream, dim=0, out=out[2 * i + 1])
             if i > 0:
-                upstream = upstream @ weights[2 * i]
+                upstream = th.mm(upstream, weight)  # not ``@``: Tensor.__matmul__ is a Python wrapper
+
+
+def actor_chain(policy: ActorCriticPolicy) -> LinearChain | None:
+    """
+    The map from the policy's actor features to its action-distribution head (mean or logits) as a chain, when the
+    policy computes its distribution with SB3's own ``get_distribution`` and ``MlpExtractor``.
+
+    :param policy: The policy
+    :return: The chain ``mlp_extractor.policy_net`` then ``action_net``, or ``None``
+    """
+    cls = type(policy)
+    standard = all(
+        getattr(cls, name) is getattr(ActorCriticPolicy, name)
+        for name in ("get_distribution", "extract_features", "_get_action_dist_from_latent")
+    )
+    if not standard or type(policy.mlp_extractor) is not MlpExtractor:
+        return None
+    return linear_chain([policy.mlp_extractor.policy_net, policy.action_net])
 
 
 def critic_chain(policy: ActorCriticPolicy) -> LinearChain | None:

@@ -22,11 +22,14 @@ from sb3_contrib.common.maskable.distributions import (
 from stable_baselines3.common.distributions import (
     BernoulliDistribution,
     CategoricalDistribution,
+    DiagGaussianDistribution,
     Distribution,
     MultiCategoricalDistribution,
     kl_divergence,
 )
 from torch import nn
+
+from sb3_trpo_ext.common.mlp import LinearChain
 
 # --------------------------------------------------------------------------------------------------------------
 # Flat-parameter helpers
@@ -305,6 +308,82 @@ def analytic_fisher_vector_product(
     return fisher_vector_product
 
 
+def chain_fisher_vector_product(
+    params: Sequence[nn.Parameter],
+    chain: LinearChain,
+    inputs: th.Tensor,
+    distribution: Distribution,
+    log_std: th.Tensor | None = None,
+) -> Callable[[th.Tensor], th.Tensor] | None:
+    """
+    Build ``v -> F v`` as ``J^T M J v`` for an actor whose distribution head is a :class:`LinearChain` on fixed
+    inputs: ``J v`` by the chain's forward-mode derivative, ``J^T u`` by its vector-Jacobian product, ``M`` the
+    closed-form metric (:func:`fisher_metric`). Nothing is recorded for autograd, and no graph is kept between
+    products: a few matrix products each.
+
+    Supported: categorical, multi-categorical and Bernoulli heads (the chain outputs the logits) and the diagonal
+    Gaussian with a state-independent ``log_std`` (the chain outputs the mean; ``std = exp(log_std)``).
+
+    :param params: Actor parameters, the order of the flat vectors: exactly the chain's (plus ``log_std``)
+    :param chain: The actor's head, from its (parameter-free) features to the mean or the logits
+    :param inputs: The chain's inputs on the Fisher batch
+    :param distribution: The action distribution on that batch at the current parameters
+    :param log_std: The Gaussian's log standard deviation parameter (ignored for the other distributions)
+    :return: The product function, or ``None`` if the actor does not have this structure (checked on the values)
+    """
+    gaussian = type(distribution) is DiagGaussianDistribution
+    bernoulli = type(distribution) is BernoulliDistribution
+    if not (gaussian or bernoulli or type(distribution) in (CategoricalDistribution, MultiCategoricalDistribution)):
+        return None
+    if gaussian and log_std is None:
+        return None
+    covered = [*chain.parameters, *([log_std] if gaussian else [])]
+    # Tied weights would need their gradients summed; leave them (and any other parameter set) to autograd.
+    if len({id(p) for p in covered}) != len(covered) or {id(p) for p in covered} != {id(p) for p in params}:
+        return None
+    statistics = distribution_statistics(distribution)
+    assert statistics is not None  # every distribution accepted above has them
+    with th.no_grad():
+        statistics = [s.detach() for s in statistics]
+        bound = chain.at([p.detach() for p in chain.parameters])
+        outputs = bound.forward(inputs)
+        head = outputs[-1]
+        widths = [s.shape[-1] for s in statistics]
+        if gaussian:
+            assert log_std is not None
+            std = log_std.detach().exp().expand_as(head)
+            pairs = [(head, statistics[0]), (std, statistics[1])]
+        elif bernoulli:
+            pairs = [(head, statistics[0])]
+        else:  # torch's categorical keeps normalised logits: compare log-probabilities
+            blocks = head.split(widths, dim=1)
+            pairs = [(b.log_softmax(-1), s.log_softmax(-1)) for b, s in zip(blocks, statistics, strict=False)]
+        if (not gaussian and head.shape[-1] != sum(widths)) or not all(
+            a.shape == b.shape and th.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in pairs
+        ):
+            return None  # the policy does not compute its distribution the standard way
+    metric = fisher_metric(distribution, statistics)
+    position = {id(p): i for i, p in enumerate(params)}
+    chain_index = [position[id(p)] for p in chain.parameters]
+
+    @th.no_grad()
+    def fisher_vector_product(vector: th.Tensor) -> th.Tensor:
+        tangents = unflatten_like(vector, params)
+        head_tangent = bound.jvp(outputs, [tangents[i] for i in chain_index])
+        if gaussian:
+            weighted = metric([head_tangent, std * tangents[position[id(log_std)]]])
+        else:
+            weighted = metric(list(head_tangent.split(widths, dim=1)))
+        result = th.empty_like(vector)
+        views = unflatten_like(result, params)
+        bound.vjp(outputs, weighted[0] if gaussian else th.cat(weighted, dim=1), out=[views[i] for i in chain_index])
+        if gaussian:
+            views[position[id(log_std)]].copy_((weighted[1] * std).sum(dim=0))
+        return result
+
+    return fisher_vector_product
+
+
 def kl_hessian_vector_product(
     params: Sequence[nn.Parameter],
     distribution_fn: Callable[[], Distribution],
@@ -332,16 +411,20 @@ def fisher_vector_product(
     params: Sequence[nn.Parameter],
     distribution_fn: Callable[[], Distribution],
     damping: float = 0.0,
+    product: Callable[[th.Tensor], th.Tensor] | None = None,
 ) -> Callable[[th.Tensor], th.Tensor]:
     """
-    ``v -> (F + damping I) v``: analytic where the distribution allows it, double backpropagation otherwise.
+    ``v -> (F + damping I) v``: ``product`` when given, else analytic where the distribution allows it, double
+    backpropagation otherwise.
 
     :param params: Actor parameters
     :param distribution_fn: Evaluates the action distribution on the Fisher batch
     :param damping: Tikhonov damping added to the Fisher
+    :param product: An undamped ``v -> F v`` the caller built for its actor (e.g. :func:`chain_fisher_vector_product`)
     :return: The (damped) product function
     """
-    product = analytic_fisher_vector_product(params, distribution_fn)
+    if product is None:
+        product = analytic_fisher_vector_product(params, distribution_fn)
     if product is None:
         product = kl_hessian_vector_product(params, distribution_fn)
     if damping == 0.0:
@@ -449,6 +532,7 @@ def trust_region_update(
     distribution_fn: Callable[[], Distribution],
     fisher_distribution_fn: Callable[[], Distribution],
     config: TrustRegionConfig,
+    fisher_product_fn: Callable[[], Callable[[th.Tensor], th.Tensor] | None] | None = None,
 ) -> TrustRegionStats:
     """
     One natural-gradient step with a KL trust region. Numerical faults skip the step and leave ``params``
@@ -459,6 +543,9 @@ def trust_region_update(
     :param distribution_fn: Action distribution on the policy batch at the current parameters
     :param fisher_distribution_fn: Action distribution on the (possibly subsampled) Fisher batch
     :param config: Step hyperparameters
+    :param fisher_product_fn: Builds an undamped ``v -> F v`` on the Fisher batch at the current parameters, or
+        returns ``None``; when absent or ``None``, :func:`fisher_vector_product` builds one from
+        ``fisher_distribution_fn``
     :return: Statistics of the step
     """
     try:
@@ -478,7 +565,8 @@ def trust_region_update(
         stats.fault = "non-finite policy gradient"
         return stats
 
-    fvp = fisher_vector_product(params, fisher_distribution_fn, config.cg_damping)
+    product = None if fisher_product_fn is None else fisher_product_fn()
+    fvp = fisher_vector_product(params, fisher_distribution_fn, config.cg_damping, product)
     cg = conjugate_gradient(fvp, gradient, config.cg_max_steps, config.cg_residual_tol)
     stats.cg_steps, stats.cg_residual = cg.n_steps, cg.relative_residual
     direction = cg.x
