@@ -4,8 +4,9 @@ Multilayer perceptrons differentiated by hand.
 SB3's standard actor and critic heads are chains of ``nn.Linear`` layers with elementwise activations. Their
 derivatives are a few matrix products each, which autograd computes too, but with a graph, module calls and
 per-tensor bookkeeping that cost more than the arithmetic at the sizes of the critic's minibatch steps (hundreds
-per update, at batch sizes around 128). :class:`LinearChain` evaluates such a chain on explicit weight tensors
-and gives its vector-Jacobian product in closed form.
+per update, at batch sizes around 128) and of the conjugate gradient's Fisher-vector products (one forward-mode
+and one backward pass each). :class:`LinearChain` evaluates such a chain on explicit weight tensors and gives its
+Jacobian-vector and vector-Jacobian products in closed form.
 """
 
 from collections.abc import Callable, Sequence
