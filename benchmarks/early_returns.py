@@ -3,8 +3,8 @@ Early-training returns of ours and ``sb3_contrib.TRPO`` at the speed benchmark's
 
 ``benchmarks/speed.py`` reports the final evaluation return of its five timed ``learn()`` runs per environment. At
 40,960 steps these are early-training returns whose spread between seeds is as large as the returns themselves;
-this script runs the same configurations (``speed.learn_speed``: RL Zoo hyperparameters, ported for ours, same seed
-for both algorithms) on more seeds and tests the paired differences.
+this script runs the same configurations (RL Zoo hyperparameters, ported for ours, same seed for both algorithms)
+on more seeds, tests the paired differences and records what the policy steps did.
 
 Usage (from the repository root)::
 
@@ -19,11 +19,63 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+from gymnasium import spaces
+from sb3_contrib import TRPO as ContribTRPO
 from scipy import stats
+from stable_baselines3.common.logger import KVWriter, Logger
+
+from sb3_trpo_ext import TRPO
 
 sys.path.insert(0, str(Path(__file__).parent))
 import speed  # the speed benchmark's configurations and learn() runs
+
+
+class StepRecorder(KVWriter):
+    """Logger output that keeps what each update logged about its policy step."""
+
+    def __init__(self, dimensions: int) -> None:
+        self.dimensions = dimensions  # to turn sb3-contrib's per-dimension KL into the joint one
+        self.kl: list[float] = []
+        self.success: list[float] = []
+
+    def write(self, key_values: dict[str, Any], key_excluded: Any, step: int = 0) -> None:
+        if "train/kl_divergence" in key_values:  # ours: the joint KL
+            self.kl.append(float(key_values["train/kl_divergence"]))
+        elif "train/kl_divergence_loss" in key_values:  # sb3-contrib: mean over action dimensions
+            self.kl.append(float(key_values["train/kl_divergence_loss"]) * self.dimensions)
+        if "train/is_line_search_success" in key_values:
+            self.success.append(float(key_values["train/is_line_search_success"]))
+
+    def close(self) -> None:
+        pass
+
+
+def run(env_id: str, seed: int, budget: int) -> list[dict]:
+    """``learn(budget)`` with ours and sb3-contrib on one seed, as ``speed.learn_speed`` does, recording the steps."""
+    rows = []
+    for name, cls in (("ours", TRPO), ("sb3-contrib", ContribTRPO)):
+        env = speed.make_env(env_id, seed=seed)
+        kwargs = speed.ZOO[env_id]["kwargs"]
+        model = cls("MlpPolicy", env, seed=seed, **(speed.ported(kwargs, env) if cls is TRPO else kwargs))
+        recorder = StepRecorder(int(np.prod(env.action_space.shape)) if isinstance(env.action_space, spaces.Box) else 1)
+        model.set_logger(Logger(folder=None, output_formats=[recorder]))
+        model.learn(budget)
+        rows.append(
+            dict(
+                case=env_id,
+                algorithm=name,
+                seed=seed,
+                steps=budget,
+                final_return=speed.evaluate(model, env_id, seed),
+                mean_joint_kl=float(np.mean(recorder.kl)),
+                line_search_success=float(np.mean(recorder.success)),
+            )
+        )
+        print(f"  {env_id} {name} seed={seed}: {rows[-1]['final_return']:.1f}", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -34,10 +86,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=speed.RESULTS)
     args = parser.parse_args()
     started = time.perf_counter()
-    rows: list[dict] = []
-    for env_id in args.envs:
-        for row in speed.learn_speed(env_id, args.seeds, args.budget):
-            rows.append({k: v for k, v in row.items() if k not in ("seconds", "steps_per_s")})
+    rows = [row for env_id in args.envs for seed in args.seeds for row in run(env_id, seed, args.budget)]
     args.out.mkdir(parents=True, exist_ok=True)
     speed.write_csv(rows, args.out / "early_returns.csv")
 
@@ -49,21 +98,26 @@ def main() -> None:
         "",
         f"Each run: `learn({args.budget})` at the speed benchmark's configuration, then 10 deterministic episodes on a",
         "separate environment (frozen `VecNormalize` statistics). Same seed for both algorithms; p-values of the",
-        "paired differences (ours - sb3-contrib) over seeds.",
+        "paired differences (ours - sb3-contrib) over seeds. The step columns average over every update of every",
+        "seed: the KL of the accepted step (sb3-contrib's per-dimension KL times the action dimension, so both are",
+        "the joint KL) and the fraction of line searches that accepted a step.",
         "",
-        "| env | seeds | ours | sb3-contrib | mean difference | paired t-test p | Wilcoxon p |",
-        "|---|---|---|---|---|---|---|",
+        "| env | seeds | ours | sb3-contrib | mean difference | paired t-test p | Wilcoxon p "
+        "| mean KL per update, ours / sb3-contrib | line searches accepted, ours / sb3-contrib |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for env_id in args.envs:
-        ours = [r["final_return"] for r in rows if r["case"] == env_id and r["algorithm"] == "ours"]
-        contrib = [r["final_return"] for r in rows if r["case"] == env_id and r["algorithm"] == "sb3-contrib"]
+        by = {a: [r for r in rows if r["case"] == env_id and r["algorithm"] == a] for a in ("ours", "sb3-contrib")}
+        ours, contrib = ([r["final_return"] for r in by[a]] for a in ("ours", "sb3-contrib"))
         differences = [a - b for a, b in zip(ours, contrib, strict=True)]
         ttest = stats.ttest_rel(ours, contrib).pvalue if len(ours) > 1 else float("nan")
         wilcoxon = stats.wilcoxon(differences).pvalue if any(differences) else 1.0
+        kl, accepted = ({a: np.mean([r[key] for r in by[a]]) for a in by} for key in ("mean_joint_kl", "line_search_success"))
         lines.append(
             f"| {env_id} | {len(ours)} | {statistics.mean(ours):.1f} ± {statistics.pstdev(ours):.1f} "
             f"| {statistics.mean(contrib):.1f} ± {statistics.pstdev(contrib):.1f} | {statistics.mean(differences):+.1f} "
-            f"| {ttest:.2f} | {wilcoxon:.2f} |"
+            f"| {ttest:.2f} | {wilcoxon:.2f} | {kl['ours']:.4f} / {kl['sb3-contrib']:.4f} "
+            f"| {accepted['ours']:.3f} / {accepted['sb3-contrib']:.3f} |"
         )
     lines += ["", "Per seed: `early_returns.csv`.", ""]
     (args.out / "early_returns.md").write_text("\n".join(lines))
