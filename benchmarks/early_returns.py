@@ -10,6 +10,10 @@ Usage (from the repository root)::
 
     python benchmarks/early_returns.py                      # seeds 0-14, the three speed environments
     python benchmarks/early_returns.py --envs HalfCheetah-v5 --seeds 0 1 2
+    python benchmarks/early_returns.py --envs Acrobot-v1 --budget 100000 --eval-episodes 30 --name acrobot_returns
+
+The last form takes any RL Zoo TRPO entry without ``policy_kwargs`` (with its ``n_timesteps`` left to ``--budget``):
+the question there is whether the two libraries learn alike at the zoo's full budget.
 
 Results: ``benchmarks/results/early_returns.{md,csv}``. Timing is not reported (other runs may share the machine).
 """
@@ -53,7 +57,26 @@ class StepRecorder(KVWriter):
         pass
 
 
-def run(env_id: str, seed: int, budget: int) -> list[dict]:
+def zoo_entry(env_id: str) -> dict[str, Any]:
+    """
+    RL Zoo's TRPO hyperparameters for ``env_id`` from rl_zoo3's own ``trpo.yml``, in ``speed.ZOO``'s format (entries
+    with ``policy_kwargs`` or other wrappers are not supported).
+
+    :param env_id: Environment
+    :return: ``dict(n_envs=..., normalize=..., kwargs=...)``
+    """
+    import rl_zoo3
+    import yaml
+
+    entry = dict(yaml.safe_load((Path(rl_zoo3.__file__).parent / "hyperparams" / "trpo.yml").read_text())[env_id])
+    unsupported = set(entry) - {"normalize", "n_envs", "n_timesteps", "policy", *TRPO.__init__.__code__.co_varnames}
+    if entry.pop("policy") != "MlpPolicy" or unsupported:
+        raise ValueError(f"RL Zoo's {env_id} entry needs {sorted(unsupported)}, which this script does not handle")
+    entry.pop("n_timesteps")
+    return dict(n_envs=entry.pop("n_envs", 1), normalize=bool(entry.pop("normalize", False)), kwargs=entry)
+
+
+def run(env_id: str, seed: int, budget: int, eval_episodes: int) -> list[dict]:
     """``learn(budget)`` with ours and sb3-contrib on one seed, as ``speed.learn_speed`` does, recording the steps."""
     rows = []
     for name, cls in (("ours", TRPO), ("sb3-contrib", ContribTRPO)):
@@ -69,7 +92,7 @@ def run(env_id: str, seed: int, budget: int) -> list[dict]:
                 algorithm=name,
                 seed=seed,
                 steps=budget,
-                final_return=speed.evaluate(model, env_id, seed),
+                final_return=speed.evaluate(model, env_id, seed, eval_episodes),
                 mean_joint_kl=float(np.mean(recorder.kl)),
                 line_search_success=float(np.mean(recorder.success)),
             )
@@ -80,23 +103,29 @@ def run(env_id: str, seed: int, budget: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--envs", nargs="+", default=list(speed.ZOO))
+    parser.add_argument("--envs", nargs="+", default=list(speed.ZOO), help="also any RL Zoo TRPO entry without policy_kwargs")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(15)))
     parser.add_argument("--budget", type=int, default=40_960)
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--name", default="early_returns", help="results file name, without extension")
     parser.add_argument("--out", type=Path, default=speed.RESULTS)
     args = parser.parse_args()
     started = time.perf_counter()
-    rows = [row for env_id in args.envs for seed in args.seeds for row in run(env_id, seed, args.budget)]
+    for env_id in args.envs:
+        if env_id not in speed.ZOO:
+            speed.ZOO[env_id] = zoo_entry(env_id)
+    rows = [row for env_id in args.envs for seed in args.seeds for row in run(env_id, seed, args.budget, args.eval_episodes)]
     args.out.mkdir(parents=True, exist_ok=True)
-    speed.write_csv(rows, args.out / "early_returns.csv")
+    speed.write_csv(rows, args.out / f"{args.name}.csv")
 
     command = "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     lines = [
-        "# Early-training returns: ours vs sb3-contrib",
+        f"# Returns after {args.budget} steps: ours vs sb3-contrib",
         "",
         f"Command: `{command}`; wall time {(time.perf_counter() - started) / 60:.1f} min.",
         "",
-        f"Each run: `learn({args.budget})` at the speed benchmark's configuration, then 10 deterministic episodes on a",
+        f"Each run: `learn({args.budget})` at the speed benchmark's configuration (RL Zoo's TRPO entry for other",
+        f"environments), then {args.eval_episodes} deterministic episodes on a",
         "separate environment (frozen `VecNormalize` statistics). Same seed for both algorithms; p-values of the",
         "paired differences (ours - sb3-contrib) over seeds. The step columns average over every update of every",
         "seed: the KL of the accepted step (sb3-contrib's per-dimension KL times the action dimension, so both are",
@@ -119,8 +148,8 @@ def main() -> None:
             f"| {ttest:.2f} | {wilcoxon:.2f} | {kl['ours']:.4f} / {kl['sb3-contrib']:.4f} "
             f"| {accepted['ours']:.3f} / {accepted['sb3-contrib']:.3f} |"
         )
-    lines += ["", "Per seed: `early_returns.csv`.", ""]
-    (args.out / "early_returns.md").write_text("\n".join(lines))
+    lines += ["", f"Per seed: `{args.name}.csv`.", ""]
+    (args.out / f"{args.name}.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

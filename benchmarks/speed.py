@@ -160,14 +160,14 @@ def raw_env_speed(env_id: str, steps: int) -> float:
     return steps * n / (time.perf_counter() - start)
 
 
-def evaluate(model, env_id: str, seed: int) -> float:
+def evaluate(model, env_id: str, seed: int, n_episodes: int = 10) -> float:
     eval_env = make_env(env_id, seed=seed + 10_000, n_envs=1)
     if isinstance(eval_env, VecNormalize):
         train_env = model.get_env()
         eval_env.obs_rms = copy.deepcopy(train_env.obs_rms)
         eval_env.training = False  # frozen statistics
         eval_env.norm_reward = False
-    mean_return, _ = evaluate_policy(model, eval_env, n_eval_episodes=10, deterministic=True)
+    mean_return, _ = evaluate_policy(model, eval_env, n_eval_episodes=n_episodes, deterministic=True)
     return float(mean_return)
 
 
