@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 from gymnasium import spaces
-from sb3_contrib import TRPO as ContribTRPO
 from scipy import stats
 from stable_baselines3.common.logger import KVWriter, Logger
 
@@ -79,11 +78,10 @@ def zoo_entry(env_id: str) -> dict[str, Any]:
 def run(env_id: str, seed: int, budget: int, eval_episodes: int) -> list[dict]:
     """``learn(budget)`` with ours and sb3-contrib on one seed, as ``speed.learn_speed`` does, recording the steps."""
     rows = []
-    for name, cls in (("ours", TRPO), ("sb3-contrib", ContribTRPO)):
-        env = speed.make_env(env_id, seed=seed)
-        kwargs = speed.ZOO[env_id]["kwargs"]
-        model = cls("MlpPolicy", env, seed=seed, **(speed.ported(kwargs, env) if cls is TRPO else kwargs))
-        recorder = StepRecorder(int(np.prod(env.action_space.shape)) if isinstance(env.action_space, spaces.Box) else 1)
+    for name in speed.LEARNERS:
+        model = speed.make_learner(name, env_id, seed)
+        space = model.action_space
+        recorder = StepRecorder(int(np.prod(space.shape)) if isinstance(space, spaces.Box) else 1)
         model.set_logger(Logger(folder=None, output_formats=[recorder]))
         model.learn(budget)
         rows.append(

@@ -182,14 +182,27 @@ def ported(kwargs: dict[str, Any], env: VecEnv) -> dict[str, Any]:
     return kwargs
 
 
+LEARNERS = {"ours": TRPO, "sb3-contrib": ContribTRPO}
+
+
+def make_learner(name: str, env_id: str, seed: int) -> Any:
+    """
+    :param name: A key of ``LEARNERS``
+    :param env_id: A key of ``ZOO``
+    :param seed: Seed of the model and its environment
+    :return: The model at the zoo's hyperparameters (ported for ours)
+    """
+    cls = LEARNERS[name]
+    env = make_env(env_id, seed=seed)
+    kwargs = ZOO[env_id]["kwargs"]
+    return cls("MlpPolicy", env, seed=seed, **(ported(kwargs, env) if cls is TRPO else kwargs))
+
+
 def learn_speed(env_id: str, seeds: Iterable[int], budget: int) -> list[dict]:
-    classes = {"ours": TRPO, "sb3-contrib": ContribTRPO}
     rows = []
     for seed in seeds:
-        for name, cls in classes.items():
-            env = make_env(env_id, seed=seed)
-            kwargs = ZOO[env_id]["kwargs"]
-            model = cls("MlpPolicy", env, seed=seed, **(ported(kwargs, env) if cls is TRPO else kwargs))
+        for name in LEARNERS:
+            model = make_learner(name, env_id, seed)
             start = time.perf_counter()
             model.learn(budget)
             elapsed = time.perf_counter() - start

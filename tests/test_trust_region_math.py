@@ -225,7 +225,7 @@ def test_analytic_fisher_vector_product_handles_parameters_tied_across_modules(f
 CHAIN_KINDS = ["DiagGaussian", "Categorical", "MultiCategorical", "Bernoulli"]
 
 
-def chain_product(model, policy, observations):
+def chain_product(model, observations):
     """The hand-written product the model builds for a Fisher batch of ``observations``."""
     from collections import namedtuple
 
@@ -239,7 +239,7 @@ def test_chain_fisher_vector_product_equals_kl_hessian(kind, activation, float64
     kwargs = {**kwargs, "policy_kwargs": {"activation_fn": activation, "net_arch": [16, 8]}}
     model, policy, observations = make_float64_policy(space, kwargs)
     params = model._actor_params
-    product = chain_product(model, policy, observations)
+    product = chain_product(model, observations)
     assert product is not None, f"{kind} must use the chain Fisher-vector product"
     generator = th.Generator().manual_seed(5)
     for _ in range(3):
@@ -267,7 +267,7 @@ def test_chain_fisher_vector_product_declines_other_actors(float64_policies):
 
     # gSDE: the standard deviation depends on the state
     model, policy, observations = make_float64_policy(*ACTION_SPACES["gSDE"])
-    assert chain_product(model, policy, observations) is None
+    assert chain_product(model, observations) is None
     # a parameter the chain does not hold (tied into a second module): autograd handles it
     model, policy, observations = make_float64_policy(*ACTION_SPACES["Categorical"])
     chain = actor_chain(policy)
