@@ -54,7 +54,7 @@ from sb3_trpo_ext.common.faults import (
     optimizer_tensors,
     rollout_fault,
 )
-from sb3_trpo_ext.common.mlp import LinearChain, actor_chain, critic_chain
+from sb3_trpo_ext.common.mlp import LinearChain, actor_chain, critic_chain, uses_standard_methods
 from sb3_trpo_ext.common.rollout import collect_rollouts, fused_forward
 from sb3_trpo_ext.common.trust_region import (
     TrustRegionConfig,
@@ -615,8 +615,9 @@ class TRPO(OnPolicyAlgorithm):
         """Whether the critic is SB3's value head on features of an extractor that the critic does not train."""
         policy = self.policy
         critic_ids = {id(p) for p in self._critic_params}
-        standard = type(policy).predict_values is ActorCriticPolicy.predict_values
-        return standard and not any(id(p) in critic_ids for p in policy.vf_features_extractor.parameters())
+        return uses_standard_methods(policy, ("predict_values",)) and not any(
+            id(p) in critic_ids for p in policy.vf_features_extractor.parameters()
+        )
 
     def _critic_chain(self) -> LinearChain | None:
         """The critic as a chain of linear layers on fixed features, when :func:`regress_mlp` can train it."""

@@ -4,11 +4,12 @@ import copy
 
 import pytest
 import torch as th
+from sb3_contrib.common.envs import InvalidActionEnvDiscrete
 from stable_baselines3.common.env_util import make_vec_env
 from torch import nn
 from torch.nn import functional as F
 
-from sb3_trpo_ext import TRPO
+from sb3_trpo_ext import TRPO, MaskableTRPO
 from sb3_trpo_ext.common import critic
 from sb3_trpo_ext.common.critic import regress_mlp
 from sb3_trpo_ext.common.mlp import linear_chain
@@ -74,18 +75,20 @@ def test_regress_mlp_leaves_other_optimizers_to_autograd():
 
 
 @pytest.mark.parametrize(
-    "policy_kwargs, hand_written",
+    "algorithm, policy_kwargs, hand_written",
     [
-        ({}, True),
-        ({"share_features_extractor": False}, True),
-        ({"optimizer_class": th.optim.RMSprop}, False),
-        ({"activation_fn": nn.ELU}, False),
+        (TRPO, {}, True),
+        (TRPO, {"share_features_extractor": False}, True),
+        (TRPO, {"optimizer_class": th.optim.RMSprop}, False),
+        (TRPO, {"activation_fn": nn.ELU}, False),
+        (MaskableTRPO, {}, True),
     ],
-    ids=["standard", "separate-extractors", "rmsprop", "elu"],
+    ids=["standard", "separate-extractors", "rmsprop", "elu", "maskable"],
 )
-def test_critic_step_equals_the_autograd_critic_step(policy_kwargs, hand_written, monkeypatch):
-    model = TRPO("MlpPolicy", make_vec_env(TargetEnv, n_envs=2, seed=0), n_steps=64, batch_size=48, seed=0,
-                 policy_kwargs=policy_kwargs)  # fmt: skip
+def test_critic_step_equals_the_autograd_critic_step(algorithm, policy_kwargs, hand_written, monkeypatch):
+    env = (lambda: InvalidActionEnvDiscrete(dim=6, n_invalid_actions=3)) if algorithm is MaskableTRPO else TargetEnv
+    model = algorithm("MlpPolicy", make_vec_env(env, n_envs=2, seed=0), n_steps=64, batch_size=48, seed=0,
+                      policy_kwargs=policy_kwargs)  # fmt: skip
     model.learn(128)  # a rollout in the buffer and some optimizer state
     rollout = next(model.rollout_buffer.get(batch_size=None))
     state, optimizer_state = copy.deepcopy(model.policy.state_dict()), copy.deepcopy(model.policy.optimizer.state_dict())

@@ -1,5 +1,7 @@
 """MaskableTRPO: masked Fisher and KL, masks in rollouts, predict and evaluation, learning, faults, save/load."""
 
+from collections import namedtuple
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -77,6 +79,8 @@ def test_fisher_vector_product_equals_hessian_of_masked_kl(kind, float64_policie
 
     analytic = analytic_fisher_vector_product(params, distribution)
     assert analytic is not None, "masked distributions must use the analytic Fisher-vector product"
+    by_hand = model._fisher_product(namedtuple("Batch", "observations action_masks")(observations, masks))
+    assert by_hand is not None, "the maskable MLP actor must use the hand-written product"
     double_backprop = kl_hessian_vector_product(params, distribution)  # through the package's joint_kl
     unmasked = analytic_fisher_vector_product(params, lambda: policy.get_distribution(observations))
     vector_generator = th.Generator().manual_seed(1)
@@ -84,7 +88,7 @@ def test_fisher_vector_product_equals_hessian_of_masked_kl(kind, float64_policie
         vector = th.randn(sum(p.numel() for p in params), generator=vector_generator, dtype=th.float64)
         expected = reference_masked_kl_hessian_vector_product(policy, params, observations, masks, dims, vector)
         assert expected.norm() > 1e-6
-        for product in (analytic, double_backprop):
+        for product in (analytic, double_backprop, by_hand):
             assert ((product(vector) - expected).norm() / expected.norm()).item() <= 1e-8
         # The masks matter: the unmasked Fisher is a different matrix.
         assert ((unmasked(vector) - expected).norm() / expected.norm()).item() > 1e-3

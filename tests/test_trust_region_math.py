@@ -305,8 +305,11 @@ def test_trpo_uses_the_chain_product_for_mlp_actors_only(monkeypatch):
     TRPO("MlpPolicy", IdentityEnv(space=spaces.Discrete(3)), n_steps=8, batch_size=8).learn(16)
     assert built == [True, True]
     built.clear()
-    # a trainable shared CNN extractor, an LSTM, masked logits: not a chain on fixed features
+    # the maskable MLP policy is the same chain, its logits masked afterwards
+    MaskableTRPO("MlpPolicy", InvalidActionEnvDiscrete(dim=4, n_invalid_actions=1), n_steps=8, batch_size=8).learn(8)
+    assert built == [True]
+    built.clear()
+    # a trainable shared CNN extractor, an LSTM: not a chain on fixed features
     TRPO("CnnPolicy", FakeImageEnv(screen_height=36, screen_width=36), n_steps=4, batch_size=4).learn(4)
     RecurrentTRPO("MlpLstmPolicy", IdentityEnv(space=spaces.Discrete(3)), n_steps=8, batch_size=8).learn(8)
-    MaskableTRPO("MlpPolicy", InvalidActionEnvDiscrete(dim=4, n_invalid_actions=1), n_steps=8, batch_size=8).learn(8)
     assert built == []

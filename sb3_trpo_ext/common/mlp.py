@@ -12,6 +12,7 @@ Jacobian-vector and vector-Jacobian products in closed form.
 from collections.abc import Callable, Sequence
 
 import torch as th
+from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import MlpExtractor
 from torch import nn
@@ -150,33 +151,50 @@ class BoundChain:
                 upstream = th.mm(upstream, weight)  # not ``@``: Tensor.__matmul__ is a Python wrapper
 
 
-def actor_chain(policy: ActorCriticPolicy) -> LinearChain | None:
+# Policy classes whose own methods compute the action distribution (the maskable one then applies the masks) and
+# the value from an ``MlpExtractor``'s two chains and the ``action_net``/``value_net`` heads.
+_STANDARD_POLICIES = (ActorCriticPolicy, MaskableActorCriticPolicy)
+
+
+def uses_standard_methods(policy: ActorCriticPolicy | MaskableActorCriticPolicy, names: Sequence[str]) -> bool:
+    """
+    Whether the policy's class keeps the methods ``names`` of SB3's ``ActorCriticPolicy`` or sb3-contrib's
+    ``MaskableActorCriticPolicy`` (whichever it derives from), so that what they compute is known.
+
+    :param policy: The policy
+    :param names: Method names
+    :return: ``True`` when none of them is overridden
+    """
+    cls = type(policy)
+    return any(
+        isinstance(policy, base) and all(getattr(cls, name) is getattr(base, name) for name in names)
+        for base in _STANDARD_POLICIES
+    )
+
+
+def actor_chain(policy: ActorCriticPolicy | MaskableActorCriticPolicy) -> LinearChain | None:
     """
     The map from the policy's actor features to its action-distribution head (mean or logits) as a chain, when the
-    policy computes its distribution with SB3's own ``get_distribution`` and ``MlpExtractor``.
+    policy computes its distribution with SB3's (or the maskable policy's) own ``get_distribution`` and
+    ``MlpExtractor``.
 
     :param policy: The policy
     :return: The chain ``mlp_extractor.policy_net`` then ``action_net``, or ``None``
     """
-    cls = type(policy)
-    standard = all(
-        getattr(cls, name) is getattr(ActorCriticPolicy, name)
-        for name in ("get_distribution", "extract_features", "_get_action_dist_from_latent")
-    )
+    standard = uses_standard_methods(policy, ("get_distribution", "extract_features", "_get_action_dist_from_latent"))
     if not standard or type(policy.mlp_extractor) is not MlpExtractor:
         return None
     return linear_chain([policy.mlp_extractor.policy_net, policy.action_net])
 
 
-def critic_chain(policy: ActorCriticPolicy) -> LinearChain | None:
+def critic_chain(policy: ActorCriticPolicy | MaskableActorCriticPolicy) -> LinearChain | None:
     """
     The map from the policy's critic features to its value as a chain, when the policy computes values with SB3's
-    own ``predict_values`` and ``MlpExtractor``.
+    (or the maskable policy's) own ``predict_values`` and ``MlpExtractor``.
 
     :param policy: The policy
     :return: The chain ``mlp_extractor.value_net`` then ``value_net``, or ``None``
     """
-    standard = type(policy).predict_values is ActorCriticPolicy.predict_values
-    if not standard or type(policy.mlp_extractor) is not MlpExtractor:
+    if not uses_standard_methods(policy, ("predict_values",)) or type(policy.mlp_extractor) is not MlpExtractor:
         return None
     return linear_chain([policy.mlp_extractor.value_net, policy.value_net])

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch as th
 from sb3_contrib.common.maskable.distributions import (
+    MaskableBernoulliDistribution,
     MaskableCategoricalDistribution,
     MaskableMultiCategoricalDistribution,
 )
@@ -308,6 +309,36 @@ def analytic_fisher_vector_product(
     return fisher_vector_product
 
 
+# Categorical-like distributions whose logits can be the output of an actor chain. The maskable ones overwrite
+# the logits of masked outcomes by a constant, so those outcomes have probability 0 and drop out of the metric.
+CHAIN_CATEGORICALS = (
+    CategoricalDistribution,
+    MultiCategoricalDistribution,
+    MaskableCategoricalDistribution,
+    MaskableMultiCategoricalDistribution,
+    MaskableBernoulliDistribution,
+)
+
+
+def matching_log_probabilities(logits: th.Tensor, block: th.distributions.Categorical) -> tuple[th.Tensor, th.Tensor]:
+    """
+    The log-probabilities that ``logits`` and one categorical factor of a distribution give to the factor's
+    possible outcomes (those its action mask allows; all when it has none), zero elsewhere: equal when the factor
+    was computed from these logits.
+
+    :param logits: Raw logits, shape (batch, n)
+    :param block: The factor (torch keeps its logits normalised, with masked ones replaced)
+    :return: The two tensors to compare
+    """
+    masks = getattr(block, "masks", None)
+    if masks is None:
+        return logits.log_softmax(-1), block.logits.log_softmax(-1)
+    masks = masks.to(dtype=th.bool).reshape(logits.shape)
+    ours = logits.masked_fill(~masks, -math.inf).log_softmax(-1)
+    zero = th.zeros((), dtype=logits.dtype, device=logits.device)
+    return th.where(masks, ours, zero), th.where(masks, block.logits.log_softmax(-1), zero)
+
+
 def chain_fisher_vector_product(
     params: Sequence[nn.Parameter],
     chain: LinearChain,
@@ -321,8 +352,8 @@ def chain_fisher_vector_product(
     closed-form metric (:func:`fisher_metric`). Nothing is recorded for autograd, and no graph is kept between
     products: a few matrix products each.
 
-    Supported: categorical, multi-categorical and Bernoulli heads (the chain outputs the logits) and the diagonal
-    Gaussian with a state-independent ``log_std`` (the chain outputs the mean; ``std = exp(log_std)``).
+    Supported: categorical, multi-categorical and Bernoulli heads, masked or not (the chain outputs the logits), and
+    the diagonal Gaussian with a state-independent ``log_std`` (the chain outputs the mean; ``std = exp(log_std)``).
 
     :param params: Actor parameters, the order of the flat vectors: exactly the chain's (plus ``log_std``)
     :param chain: The actor's head, from its (parameter-free) features to the mean or the logits
@@ -333,7 +364,7 @@ def chain_fisher_vector_product(
     """
     gaussian = type(distribution) is DiagGaussianDistribution
     bernoulli = type(distribution) is BernoulliDistribution
-    if not (gaussian or bernoulli or type(distribution) in (CategoricalDistribution, MultiCategoricalDistribution)):
+    if not (gaussian or bernoulli or type(distribution) in CHAIN_CATEGORICALS):
         return None
     if gaussian and log_std is None:
         return None
@@ -355,9 +386,11 @@ def chain_fisher_vector_product(
             pairs = [(head, statistics[0]), (std, statistics[1])]
         elif bernoulli:
             pairs = [(head, statistics[0])]
-        else:  # torch's categorical keeps normalised logits: compare log-probabilities
-            blocks = head.split(widths, dim=1)
-            pairs = [(b.log_softmax(-1), s.log_softmax(-1)) for b, s in zip(blocks, statistics, strict=False)]
+        else:
+            pairs = [
+                matching_log_probabilities(b, block)
+                for b, block in zip(head.split(widths, dim=1), categorical_blocks(distribution) or [], strict=False)
+            ]
         if (not gaussian and head.shape[-1] != sum(widths)) or not all(
             a.shape == b.shape and th.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in pairs
         ):
