@@ -1,6 +1,6 @@
 """TRPO with invalid-action masking, on sb3-contrib's maskable policies and rollout buffers."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, NamedTuple
 
@@ -21,30 +21,38 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.vec_env import VecEnv
 
+from sb3_trpo_ext.common.rollout import collect_rollouts, fused_forward
 from sb3_trpo_ext.trpo import TRPO
 
 MASKABLE_BUFFERS = (MaskableRolloutBuffer, MaskableDictRolloutBuffer)
 
 
 @contextmanager
-def masked_rollout_steps(policy: MaskableActorCriticPolicy, env: VecEnv, rollout_buffer: RolloutBuffer) -> Iterator[None]:
+def masked_rollout_steps(
+    policy: MaskableActorCriticPolicy, env: VecEnv, rollout_buffer: RolloutBuffer
+) -> Iterator[Callable[[], np.ndarray]]:
     """
     Within the block, SB3's rollout loop samples every action under the env's current action masks and stores
     those masks with the step.
 
     SB3's loop calls ``policy(obs)`` once per step, right after the previous ``env.step``, then
     ``rollout_buffer.add``: the forward fetches the masks, the ``add`` that follows records them. Nothing else of
-    the loop needs to change, so it is not re-implemented here.
+    the loop needs to change, so it is not re-implemented here. A loop that calls the policy another way fetches
+    the masks with the function the block yields.
 
     :param policy: The maskable policy
     :param env: The environment the rollout steps (must provide ``action_masks()``)
     :param rollout_buffer: A maskable rollout buffer
+    :return: ``fetch()``: the env's current masks, which the next ``add`` then records
     """
     current_masks: list[np.ndarray] = []
 
-    def forward(obs: th.Tensor, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+    def fetch() -> np.ndarray:
         current_masks[:] = [get_action_masks(env)]
-        return type(policy).forward(policy, obs, deterministic=deterministic, action_masks=current_masks[0])
+        return current_masks[0]
+
+    def forward(obs: th.Tensor, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        return type(policy).forward(policy, obs, deterministic=deterministic, action_masks=fetch())
 
     def add(*args: Any, **kwargs: Any) -> None:
         type(rollout_buffer).add(rollout_buffer, *args, action_masks=current_masks[0], **kwargs)  # type: ignore[call-arg]
@@ -52,7 +60,7 @@ def masked_rollout_steps(policy: MaskableActorCriticPolicy, env: VecEnv, rollout
     policy.forward = forward  # type: ignore[method-assign, assignment]
     rollout_buffer.add = add  # type: ignore[method-assign]
     try:
-        yield
+        yield fetch
     finally:
         del policy.forward
         del rollout_buffer.add
@@ -119,11 +127,17 @@ class MaskableTRPO(TRPO):
         rollout_buffer: RolloutBuffer,
         n_rollout_steps: int,
     ) -> bool:
-        """SB3's rollout loop, sampling under the env's action masks and storing them (:func:`masked_rollout_steps`)."""
+        """
+        SB3's rollout loop, sampling under the env's action masks and storing them (:func:`masked_rollout_steps`),
+        with the policy call evaluated in NumPy where the policy allows it, as :meth:`TRPO.collect_rollouts` does.
+        """
         if not is_masking_supported(env):
             raise ValueError("The environment must provide action masks: an `action_masks()` method (or ActionMasker)")
-        with masked_rollout_steps(self.policy, env, rollout_buffer):
-            return OnPolicyAlgorithm.collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps)
+        forward = fused_forward(self.policy)
+        with masked_rollout_steps(self.policy, env, rollout_buffer) as fetch_masks:
+            if forward is None:
+                return OnPolicyAlgorithm.collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps)
+            return collect_rollouts(self, forward, env, callback, rollout_buffer, n_rollout_steps, fetch_masks)
 
     def predict(  # type: ignore[override]
         self,

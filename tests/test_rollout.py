@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch as th
+from sb3_contrib.common.envs import InvalidActionEnvDiscrete, InvalidActionEnvMultiBinary, InvalidActionEnvMultiDiscrete
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
@@ -11,9 +12,10 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecNormalize
 from torch import nn
 
-from sb3_trpo_ext import TRPO
+from sb3_trpo_ext import TRPO, MaskableTRPO
 from sb3_trpo_ext.common.rollout import fused_forward
 from tests.envs import TargetEnv
+from tests.test_maskable import action_dims, random_masks
 
 
 class LeakyReLU02(nn.LeakyReLU):
@@ -49,6 +51,14 @@ def make(case, n_envs=2, seed=0):
     return TRPO("MlpPolicy", env, n_steps=32, batch_size=32, seed=seed, **kwargs)
 
 
+def assert_same_forward(expected, actual) -> None:
+    """``policy.forward``'s tensors against the fused forward's arrays."""
+    for name, e, a in zip(("actions", "values", "log_prob"), expected, actual, strict=True):
+        e = e.numpy().reshape(-1) if name == "values" else e.numpy()
+        assert e.shape == a.shape and e.dtype == a.dtype, name
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["stochastic", "deterministic"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_forward_matches_policy_forward(case, deterministic):
@@ -64,11 +74,40 @@ def test_fused_forward_matches_policy_forward(case, deterministic):
         th.manual_seed(7)
         expected = policy(th.as_tensor(observations), deterministic=deterministic)
     th.manual_seed(7)
-    actual = fused(observations, deterministic)
-    for name, e, a in zip(("actions", "values", "log_prob"), expected, actual, strict=True):
-        e = e.numpy().reshape(-1) if name == "values" else e.numpy()
-        assert e.shape == a.shape and e.dtype == a.dtype, name
-        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert_same_forward(expected, fused(observations, deterministic, None))
+
+
+MASKED_CASES = {
+    "Discrete": lambda: InvalidActionEnvDiscrete(dim=6, ep_length=10, n_invalid_actions=3),
+    "MultiDiscrete": lambda: InvalidActionEnvMultiDiscrete(dims=[3, 4], ep_length=10, n_invalid_actions=3),
+    "MultiBinary": lambda: InvalidActionEnvMultiBinary(dims=4, ep_length=10, n_invalid_actions=2),
+}
+
+
+def make_masked(case, n_envs=2, seed=0):
+    return MaskableTRPO("MlpPolicy", make_vec_env(MASKED_CASES[case], n_envs=n_envs, seed=seed), n_steps=32,
+                        batch_size=32, seed=seed)  # fmt: skip
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["stochastic", "deterministic"])
+@pytest.mark.parametrize("case", list(MASKED_CASES))
+def test_fused_forward_matches_maskable_policy_forward(case, deterministic):
+    model = make_masked(case)
+    policy = model.policy
+    policy.set_training_mode(False)
+    observations = np.stack([model.observation_space.sample() for _ in range(16)])
+    masks = random_masks(action_dims(model.action_space), 16, np.random.default_rng(0))
+    fused = fused_forward(policy)
+    assert fused is not None, "the maskable MLP policy must take the fused path"
+    with th.no_grad():
+        th.manual_seed(7)
+        expected = policy(th.as_tensor(observations), deterministic=deterministic, action_masks=masks)
+    th.manual_seed(7)
+    actual = fused(observations, deterministic, masks)
+    assert_same_forward(expected, actual)
+    valid = np.split(masks, np.cumsum(action_dims(model.action_space))[:-1], axis=1)
+    chosen = actual[0].reshape(16, -1)
+    assert all(block[np.arange(16), chosen[:, i]].all() for i, block in enumerate(valid))
 
 
 def as_array(value) -> np.ndarray:
@@ -99,6 +138,39 @@ ROLLOUT_CASES = {
 }
 
 
+def recorded_rollout(model, collect, stop_at):
+    """Run one rollout with ``collect``: the buffer, counters and what the callback saw."""
+    model._setup_learn(64, None)
+    callback = StopAfter(stop_at)
+    callback.init_callback(model)
+    complete = collect(model.env, callback, model.rollout_buffer, model.n_steps)
+    buffer = model.rollout_buffer
+    arrays = [buffer.observations, buffer.actions, buffer.rewards, buffer.episode_starts, buffer.values]
+    arrays += [buffer.log_probs, buffer.returns, buffer.advantages, model._last_obs, model._last_episode_starts]
+    if hasattr(buffer, "action_masks"):
+        arrays.append(buffer.action_masks)
+    if model.use_sde:  # the noise the next rollout step would use
+        sde = model.policy.action_dist
+        arrays += [as_array(sde.exploration_mat), as_array(sde.exploration_matrices)]
+    counters = (complete, model.num_timesteps, buffer.pos, [e["r"] for e in model.ep_info_buffer])
+    return arrays, counters, callback.seen
+
+
+def assert_same_rollouts(lean, reference) -> None:
+    (lean_arrays, lean_counters, lean_seen), (arrays, counters, seen) = lean, reference
+    assert lean_counters[:3] == counters[:3]  # completed, num_timesteps, buffer position
+    assert lean_counters[3] == pytest.approx(counters[3])  # episode returns
+    assert any(counters[-1]), "episodes must end (by truncation) within the rollout"
+    for i, (a, b) in enumerate(zip(lean_arrays, arrays, strict=True)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"buffer array {i}")
+    assert len(lean_seen) == len(seen)
+    for step, (a, b) in enumerate(zip(lean_seen, seen, strict=True)):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, (step, key)
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=f"{key} at step {step}")
+
+
 @pytest.mark.parametrize("stop_at", [None, 21], ids=["whole", "callback-stops-early"])
 @pytest.mark.parametrize("case", list(ROLLOUT_CASES))
 def test_rollout_trajectories_match_sb3_rollout(case, stop_at):
@@ -111,32 +183,21 @@ def test_rollout_trajectories_match_sb3_rollout(case, stop_at):
         env = make_vec_env(env_fn, n_envs=2, seed=3)
         # (Box-gSDE resamples its noise every 2 steps.)
         model = TRPO("MlpPolicy", VecNormalize(env) if normalize else env, n_steps=32, batch_size=32, seed=3, **kwargs)
-        model._setup_learn(64, None)
-        callback = StopAfter(stop_at)
-        callback.init_callback(model)
-        collect = model.collect_rollouts if lean else super(TRPO, model).collect_rollouts
-        complete = collect(model.env, callback, model.rollout_buffer, model.n_steps)
-        buffer = model.rollout_buffer
-        arrays = [buffer.observations, buffer.actions, buffer.rewards, buffer.episode_starts, buffer.values]
-        arrays += [buffer.log_probs, buffer.returns, buffer.advantages, model._last_obs, model._last_episode_starts]
-        if model.use_sde:  # the noise the next rollout step would use
-            sde = model.policy.action_dist
-            arrays += [as_array(sde.exploration_mat), as_array(sde.exploration_matrices)]
-        counters = (complete, model.num_timesteps, buffer.pos, [e["r"] for e in model.ep_info_buffer])
-        return arrays, counters, callback.seen
+        return recorded_rollout(model, model.collect_rollouts if lean else super(TRPO, model).collect_rollouts, stop_at)
 
-    (lean_arrays, lean_counters, lean_seen), (arrays, counters, seen) = rollout(True), rollout(False)
-    assert lean_counters[:3] == counters[:3]  # completed, num_timesteps, buffer position
-    assert lean_counters[3] == pytest.approx(counters[3])  # episode returns
-    assert any(counters[-1]), "episodes must end (by truncation) within the rollout"
-    for i, (a, b) in enumerate(zip(lean_arrays, arrays, strict=True)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"buffer array {i}")
-    assert len(lean_seen) == len(seen)
-    for step, (a, b) in enumerate(zip(lean_seen, seen, strict=True)):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, (step, key)
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=f"{key} at step {step}")
+    assert_same_rollouts(rollout(True), rollout(False))
+
+
+@pytest.mark.parametrize("stop_at", [None, 21], ids=["whole", "callback-stops-early"])
+@pytest.mark.parametrize("case", list(MASKED_CASES))
+def test_masked_rollout_trajectories_match_sb3_rollout(case, stop_at, monkeypatch):
+    """MaskableTRPO's lean loop: the same buffer (masks included) as SB3's loop under the same masks."""
+    lean_model = make_masked(case, seed=3)
+    lean = recorded_rollout(lean_model, lean_model.collect_rollouts, stop_at)
+    assert not lean_model.rollout_buffer.action_masks.all(), "some actions must be masked"
+    monkeypatch.setattr("sb3_trpo_ext.maskable.fused_forward", lambda policy: None)  # SB3's loop
+    reference_model = make_masked(case, seed=3)
+    assert_same_rollouts(lean, recorded_rollout(reference_model, reference_model.collect_rollouts, stop_at))
 
 
 def test_policies_off_the_cpu_keep_sb3_sampling(monkeypatch):

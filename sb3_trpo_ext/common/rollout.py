@@ -16,6 +16,11 @@ from typing import Any
 import numpy as np
 import torch as th
 from gymnasium import spaces
+from sb3_contrib.common.maskable.distributions import (
+    MaskableCategoricalDistribution,
+    MaskableMultiCategoricalDistribution,
+)
+from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import (
@@ -33,12 +38,14 @@ from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
-from sb3_trpo_ext.common.mlp import linear_layers
+from sb3_trpo_ext.common.mlp import linear_layers, uses_standard_methods
 
-# ``(observations, deterministic) -> (actions, values, log_prob)``, all NumPy arrays
-Forward = Callable[[np.ndarray, bool], tuple[np.ndarray, np.ndarray, np.ndarray]]
+# ``(observations, deterministic, action_masks) -> (actions, values, log_prob)``, all NumPy arrays
+Forward = Callable[[np.ndarray, bool, np.ndarray | None], tuple[np.ndarray, np.ndarray, np.ndarray]]
 Activation = Callable[[np.ndarray], np.ndarray]
 _LOG_SQRT_2PI = float(np.log(np.sqrt(2 * np.pi)))
+# What sb3-contrib's maskable distributions put in place of a masked logit
+_MASKED_LOGIT = -1e8
 # Activations applied elementwise, so one call serves both towers; NumPy's own for the common ones.
 _ELEMENTWISE = (nn.Tanh, nn.ReLU, nn.ELU, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Softplus)
 _NUMPY_ACTIVATIONS: dict[type[nn.Module], Activation] = {
@@ -96,7 +103,7 @@ def _categorical(logits: np.ndarray, deterministic: bool) -> tuple[np.ndarray, n
 Sampler = Callable[[np.ndarray, np.ndarray, bool], tuple[np.ndarray, np.ndarray]]
 
 
-def _sampler(policy: ActorCriticPolicy) -> Sampler | None:
+def _sampler(policy: ActorCriticPolicy | MaskableActorCriticPolicy) -> Sampler | None:
     """
     ``(head output, last hidden layer, deterministic) -> (actions, log_prob)`` for the policy's distribution, drawing
     random numbers exactly as the ``torch.distributions`` object SB3 would build; ``None`` if unsupported.
@@ -104,6 +111,7 @@ def _sampler(policy: ActorCriticPolicy) -> Sampler | None:
     distribution = policy.action_dist
     latent_pi_dim = policy.mlp_extractor.latent_dim_pi  # the actor's half of the fused hidden layer comes first
     if isinstance(distribution, StateDependentNoiseDistribution):
+        assert isinstance(policy, ActorCriticPolicy)  # maskable policies have discrete actions only
         if distribution.bijector is not None:
             return None
         sde = distribution
@@ -131,6 +139,7 @@ def _sampler(policy: ActorCriticPolicy) -> Sampler | None:
 
         return sample_sde
     if type(distribution) is DiagGaussianDistribution:
+        assert isinstance(policy, ActorCriticPolicy)
         std_row = _numpy(policy.log_std.exp())
 
         def sample_gaussian(head: np.ndarray, hidden: np.ndarray, deterministic: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -143,9 +152,10 @@ def _sampler(policy: ActorCriticPolicy) -> Sampler | None:
             return actions, _gaussian_log_prob(actions, head, std)
 
         return sample_gaussian
-    if isinstance(distribution, CategoricalDistribution):
+    if isinstance(distribution, (CategoricalDistribution, MaskableCategoricalDistribution)):
         return lambda head, hidden, deterministic: _categorical(head, deterministic)
-    if isinstance(distribution, MultiCategoricalDistribution):
+    # (sb3-contrib's maskable Bernoulli is a multi-categorical of 2-way factors, and samples like one)
+    if isinstance(distribution, (MultiCategoricalDistribution, MaskableMultiCategoricalDistribution)):
         boundaries = np.cumsum(distribution.action_dims)[:-1]
 
         def sample_multi(head: np.ndarray, hidden: np.ndarray, deterministic: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -166,22 +176,19 @@ def _sampler(policy: ActorCriticPolicy) -> Sampler | None:
     return None
 
 
-def fused_forward(policy: ActorCriticPolicy) -> Forward | None:
+def fused_forward(policy: ActorCriticPolicy | MaskableActorCriticPolicy) -> Forward | None:
     """
     A forward pass equivalent to ``policy.forward`` on NumPy arrays, built from the policy's current weights, or
     ``None`` when the policy is not a standard MLP actor-critic on the CPU (custom forward or extractor, dict
-    observations, squashed or unknown distribution, another device).
+    observations, squashed or unknown distribution, another device). sb3-contrib's maskable MLP policy is one, and
+    its ``action_masks`` are applied as it applies them.
 
     The returned function is only valid while the weights do not change (one rollout).
 
     :param policy: The policy
-    :return: ``forward(obs, deterministic=False) -> (actions, values, log_prob)``
+    :return: ``forward(obs, deterministic=False, action_masks=None) -> (actions, values, log_prob)``
     """
-    cls = type(policy)
-    standard_methods = all(
-        getattr(cls, name) is getattr(ActorCriticPolicy, name)
-        for name in ("forward", "extract_features", "_get_action_dist_from_latent")
-    )
+    standard_methods = uses_standard_methods(policy, ("forward", "extract_features", "_get_action_dist_from_latent"))
     extractor = policy.mlp_extractor
     space = policy.observation_space
     if not (
@@ -229,7 +236,9 @@ def fused_forward(policy: ActorCriticPolicy) -> Forward | None:
             assert isinstance(preprocessed, th.Tensor)  # not a dict space (checked above)
             return _numpy(preprocessed)
 
-    def forward(obs: np.ndarray, deterministic: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def forward(
+        obs: np.ndarray, deterministic: bool = False, action_masks: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         hidden = features(obs).reshape(len(obs), -1)  # FlattenExtractor
         for weight_t, bias, activation in layers:
             hidden = hidden @ weight_t + bias
@@ -237,6 +246,8 @@ def fused_forward(policy: ActorCriticPolicy) -> Forward | None:
                 hidden = activation(hidden)
         output = hidden @ head_weight_t + head_bias
         head, values = output[:, :action_size], output[:, action_size]
+        if action_masks is not None:
+            head = np.where(np.reshape(action_masks, head.shape), head, head.dtype.type(_MASKED_LOGIT))
         actions, log_prob = sample(head, hidden, deterministic)
         return actions.reshape((-1, *action_shape)), values, log_prob
 
@@ -303,6 +314,7 @@ def collect_rollouts(
     callback: BaseCallback,
     rollout_buffer: RolloutBuffer,
     n_rollout_steps: int,
+    action_masks: Callable[[], np.ndarray] | None = None,
 ) -> bool:
     """
     ``OnPolicyAlgorithm.collect_rollouts`` step for step (gSDE resampling, action clipping, callbacks and their
@@ -315,6 +327,8 @@ def collect_rollouts(
     :param callback: Callback called at each step and at the start and end of the rollout
     :param rollout_buffer: Buffer to fill
     :param n_rollout_steps: Number of experiences to collect per environment
+    :param action_masks: Called once per step, before the policy call: the masks to sample under (``None``: no
+        masking)
     :return: ``False`` if a callback stopped the rollout early
     """
     assert model._last_obs is not None, "No previous observation was provided"
@@ -322,8 +336,8 @@ def collect_rollouts(
     policy.set_training_mode(False)
     n_steps = 0
     rollout_buffer.reset()
-    reset_noise = noise_resampler(policy) if model.use_sde else policy.reset_noise
-    if model.use_sde:
+    reset_noise = noise_resampler(policy) if model.use_sde else None
+    if reset_noise is not None:
         reset_noise(env.num_envs)
     callback.on_rollout_start()
     action_space = model.action_space
@@ -338,10 +352,11 @@ def collect_rollouts(
     buffer_action_shape = (rollout_buffer.n_envs, rollout_buffer.action_dim)
 
     while n_steps < n_rollout_steps:
-        if model.use_sde and model.sde_sample_freq > 0 and n_steps % model.sde_sample_freq == 0:
+        if reset_noise is not None and model.sde_sample_freq > 0 and n_steps % model.sde_sample_freq == 0:
             reset_noise(env.num_envs)
         obs = model._last_obs
-        actions, values, log_probs = forward(obs, False)  # type: ignore[arg-type]
+        masks = None if action_masks is None else action_masks()
+        actions, values, log_probs = forward(obs, False, masks)  # type: ignore[arg-type]
         clipped_actions = np.minimum(np.maximum(actions, low), high) if clip else actions
         new_obs, rewards, dones, infos = env.step(clipped_actions)
         model.num_timesteps += env.num_envs
