@@ -51,6 +51,19 @@ def make(case, n_envs=2, seed=0):
     return TRPO("MlpPolicy", env, n_steps=32, batch_size=32, seed=seed, **kwargs)
 
 
+def forward_both_ways(policy, observations, deterministic, masks=None):
+    """``policy.forward`` and the fused forward on the same observations (and masks) and random numbers."""
+    policy.set_training_mode(False)
+    fused = fused_forward(policy)
+    assert fused is not None, "the MLP policy must take the fused path"
+    kwargs = {} if masks is None else {"action_masks": masks}
+    with th.no_grad():
+        th.manual_seed(7)
+        expected = policy(th.as_tensor(observations), deterministic=deterministic, **kwargs)
+    th.manual_seed(7)
+    return expected, fused(observations, deterministic, masks)
+
+
 def assert_same_forward(expected, actual) -> None:
     """``policy.forward``'s tensors against the fused forward's arrays."""
     for name, e, a in zip(("actions", "values", "log_prob"), expected, actual, strict=True):
@@ -63,18 +76,10 @@ def assert_same_forward(expected, actual) -> None:
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_forward_matches_policy_forward(case, deterministic):
     model = make(case)
-    policy = model.policy
-    policy.set_training_mode(False)
     if model.use_sde:
-        policy.reset_noise(4)
+        model.policy.reset_noise(4)
     observations = np.stack([model.observation_space.sample() for _ in range(4)])
-    fused = fused_forward(policy)
-    assert fused is not None, "the standard MLP policy must take the fused path"
-    with th.no_grad():
-        th.manual_seed(7)
-        expected = policy(th.as_tensor(observations), deterministic=deterministic)
-    th.manual_seed(7)
-    assert_same_forward(expected, fused(observations, deterministic, None))
+    assert_same_forward(*forward_both_ways(model.policy, observations, deterministic))
 
 
 MASKED_CASES = {
@@ -93,17 +98,9 @@ def make_masked(case, n_envs=2, seed=0):
 @pytest.mark.parametrize("case", list(MASKED_CASES))
 def test_fused_forward_matches_maskable_policy_forward(case, deterministic):
     model = make_masked(case)
-    policy = model.policy
-    policy.set_training_mode(False)
     observations = np.stack([model.observation_space.sample() for _ in range(16)])
     masks = random_masks(action_dims(model.action_space), 16, np.random.default_rng(0))
-    fused = fused_forward(policy)
-    assert fused is not None, "the maskable MLP policy must take the fused path"
-    with th.no_grad():
-        th.manual_seed(7)
-        expected = policy(th.as_tensor(observations), deterministic=deterministic, action_masks=masks)
-    th.manual_seed(7)
-    actual = fused(observations, deterministic, masks)
+    expected, actual = forward_both_ways(model.policy, observations, deterministic, masks)
     assert_same_forward(expected, actual)
     valid = np.split(masks, np.cumsum(action_dims(model.action_space))[:-1], axis=1)
     chosen = actual[0].reshape(16, -1)
