@@ -61,6 +61,20 @@ def test_non_editable_wheel_contains_the_config_files(tmp_path):
     assert {f"sb3_trpo_ext/zoo_configs/{p.name}" for p in YAML_FILES} <= set(names)
 
 
+def test_shipped_file_covers_every_rl_zoo_trpo_entry():
+    import rl_zoo3
+
+    def unversioned(env_id: str) -> str:
+        return re.sub(r"-v\d+$", "", env_id)
+
+    ours = yaml.safe_load(config_file("trpo_ext").read_text())
+    zoo_entries = yaml.safe_load((Path(rl_zoo3.__file__).parent / "hyperparams" / "trpo.yml").read_text())
+    # (the zoo's MuJoCo entries are -v4, ours -v5)
+    assert not {unversioned(e) for e in zoo_entries} - {unversioned(e) for e in ours}
+    # and ours beyond the zoo's: MuJoCo tasks it has no TRPO entry for, Atari
+    assert {"Reacher-v5", "InvertedPendulum-v5", "InvertedDoublePendulum-v5", "atari"} <= ours.keys()
+
+
 @pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: p.name)
 def test_yaml_entries_are_marked_and_typed(path):
     text = path.read_text()
