@@ -13,7 +13,9 @@ Parts, each alternating ours / sb3-contrib over ``--repeats`` repeats and report
 2. end-to-end ``learn()`` steps per second, with the final deterministic evaluation return of each run;
 3. the raw speed of the same vectorised environment with random actions, the ceiling for 2.;
 4. where our ``learn()`` spends its time;
-5. our ``train()`` and ``learn()`` with 1 and 2 torch threads.
+5. our ``train()`` and ``learn()`` with 1 and 2 torch threads;
+6. our critic regression at the HalfCheetah config against two floors on its cost: the same loop run by
+   TorchScript (no Python between operations) and its matrix products alone.
 
 Results: ``benchmarks/results/speed.{md,csv,png}``.
 """
@@ -45,6 +47,8 @@ import sb3_trpo_ext
 from sb3_trpo_ext import TRPO
 from sb3_trpo_ext import trpo as trpo_module
 from sb3_trpo_ext.common import trust_region
+from sb3_trpo_ext.common.critic import regress_mlp
+from sb3_trpo_ext.common.mlp import critic_chain
 
 # One thread: on 2 shared cores, 2 threads measured 4-7x slower under load (developers' brief); our own check
 # on this machine agreed for batch-2 rollouts. Both algorithms run with the same setting.
@@ -336,6 +340,121 @@ def thread_scaling(repeats: int, budget: int) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# 6. How far the critic regression is from its floor
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _scripted_regression() -> Any:
+    """
+    The arithmetic of :func:`regress_mlp` for a tanh chain (forward, backward of the squared error, fused Adam), as
+    a TorchScript loop over the minibatches of one epoch: the cost without Python between the operations. A
+    measuring device only (``torch.jit.script`` is deprecated); ``None`` where this torch cannot script it.
+    """
+
+    def epoch(
+        inputs: list[th.Tensor], targets: list[th.Tensor], weights: list[th.Tensor], grads: list[th.Tensor],
+        flat: th.Tensor, grad: th.Tensor, exp_avg: th.Tensor, exp_avg_sq: th.Tensor, step: th.Tensor, lr: float,
+    ) -> None:  # fmt: skip
+        n_layers = len(weights) // 2
+        for k in range(len(inputs)):
+            outputs = [inputs[k]]
+            for i in range(n_layers):
+                h = th.addmm(weights[2 * i + 1], outputs[-1], weights[2 * i].t())
+                outputs.append(th.tanh(h) if i < n_layers - 1 else h)
+            upstream = (outputs[-1] - targets[k]) * (2.0 / targets[k].size(0))
+            for j in range(n_layers):
+                i = n_layers - 1 - j
+                if i < n_layers - 1:
+                    upstream = th.ops.aten.tanh_backward(upstream, outputs[i + 1])
+                th.mm(upstream.t(), outputs[i], out=grads[2 * i])
+                th.sum(upstream, dim=0, out=grads[2 * i + 1])
+                if i > 0:
+                    upstream = th.mm(upstream, weights[2 * i])
+            step.add_(1)
+            th._fused_adam_(
+                [flat], [grad], [exp_avg], [exp_avg_sq], [], [step], amsgrad=False, lr=lr, beta1=0.9, beta2=0.999,
+                weight_decay=0.0, eps=1e-8, maximize=False,
+            )  # fmt: skip
+
+    try:
+        return th.jit.script(epoch)
+    except Exception:  # any failure to script only drops this row from the table
+        return None
+
+
+def critic_floor(repeats: int, train_rows: list[dict]) -> list[dict]:
+    """
+    Our critic regression at the HalfCheetah config (20 epochs of 16 minibatches of 128, a 64x64 tanh critic), its
+    TorchScript twin and its matrix products alone, each with the ``train()`` speed-up over sb3-contrib it would
+    allow: if the critic cost that and the rest of our ``train()`` (Fisher on every 5th sample) what it costs now.
+    """
+    kwargs = ZOO["HalfCheetah-v5"]["kwargs"]
+    model = TRPO("MlpPolicy", make_env("HalfCheetah-v5", seed=0), seed=0, **kwargs)
+    chain = critic_chain(model.policy)
+    assert chain is not None  # SB3's MlpPolicy: a chain of linear layers on the flattened observation
+    generator = th.Generator().manual_seed(0)
+    batch = model.n_steps * model.n_envs
+    inputs = th.randn(batch, chain.parameters[0].shape[1], generator=generator)
+    targets = th.randn(batch, generator=generator)
+    n_epochs, batch_size = model.n_critic_updates, model.batch_size
+    weights = [p.detach().clone() for p in chain.parameters]
+
+    def shipped() -> None:
+        regress_mlp(chain, inputs, targets, model.policy.optimizer, n_epochs, batch_size)
+
+    epoch = _scripted_regression()
+    flat = th.cat([w.reshape(-1) for w in weights])
+    grad, exp_avg, exp_avg_sq, step = th.zeros_like(flat), th.zeros_like(flat), th.zeros_like(flat), th.zeros(())
+    sizes = [w.numel() for w in weights]
+    views = [v.view_as(w) for v, w in zip(flat.split(sizes), weights, strict=True)]
+    grad_views = [v.view_as(w) for v, w in zip(grad.split(sizes), weights, strict=True)]
+
+    def scripted() -> None:
+        for _ in range(n_epochs):
+            permutation = th.randperm(batch)
+            epoch(
+                list(inputs[permutation].split(batch_size)), list(targets[permutation].unsqueeze(1).split(batch_size)),
+                views, grad_views, flat, grad, exp_avg, exp_avg_sq, step, 1e-3,
+            )  # fmt: skip
+
+    x = inputs[:batch_size]
+    layers = [(w, w.t()) for w in weights[::2]]
+
+    def products_only() -> None:
+        for _ in range(n_epochs * (batch // batch_size)):
+            outputs = [x]
+            for _, weight_t in layers:
+                outputs.append(th.mm(outputs[-1], weight_t))
+            upstream = outputs[-1]
+            for i in range(len(layers) - 1, -1, -1):
+                th.mm(upstream.t(), outputs[i])
+                if i > 0:
+                    upstream = th.mm(upstream, layers[i][0])
+
+    variants = {"ours (shipped)": shipped, "same loop, TorchScript": scripted, "matrix products alone": products_only}
+    if epoch is None:
+        del variants["same loop, TorchScript"]
+    times: dict[str, list[float]] = defaultdict(list)
+    with th.no_grad():
+        for _ in range(repeats + 1):  # the first round warms up (and compiles the script)
+            for name, fn in variants.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    by = {r["algorithm"]: r for r in train_rows if r["case"] == "HalfCheetah-v5"}
+    contrib, sub = by["sb3-contrib"]["median_s"], by["ours-fisher/5"]
+    rest = sub["median_s"] - sub["critic_median_s"]
+    rows = []
+    for name, values in times.items():
+        critic = median(values[1:])
+        rows.append(
+            dict(part="critic_floor", case="HalfCheetah-v5", variant=name, median_s=critic,
+                 bound_critic_only=contrib / critic, bound_with_rest=contrib / (critic + rest))
+        )  # fmt: skip
+    return rows
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     keys: list[str] = []
     for row in rows:
@@ -399,7 +518,9 @@ def plot(train_rows: list[dict], learn_summary: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_markdown(command: str, train_rows, learn_summary, profile_rows, thread_rows, elapsed: float, path: Path) -> None:
+def write_markdown(
+    command: str, train_rows, learn_summary, profile_rows, thread_rows, floor_rows, elapsed: float, path: Path
+) -> None:
     import sb3_contrib
     import stable_baselines3
 
@@ -472,7 +593,26 @@ def write_markdown(command: str, train_rows, learn_summary, profile_rows, thread
     for case in dict.fromkeys(r["case"] for r in thread_rows):
         one, two = (next(r["median_s"] for r in thread_rows if r["case"] == case and r["threads"] == n) for n in (1, 2))
         lines.append(f"| {case} | {one:.3f} | {two:.3f} | {one / two:.2f}x |")
-    lines += ["", "![speed](speed.png)", ""]
+    lines += [
+        "",
+        "## The critic regression against its floor (HalfCheetah-v5, batch 2048)",
+        "",
+        "| critic regression | ms | `train()` speed-up bound, critic alone | with the rest of our `train()` (Fisher/5) |",
+        "|---|---|---|---|",
+    ]
+    for r in floor_rows:
+        bounds = f"{r['bound_critic_only']:.1f}x | {r['bound_with_rest']:.1f}x"
+        lines.append(f"| {r['variant']} | {r['median_s'] * 1e3:.1f} | {bounds} |")
+    lines += [
+        "",
+        "20 epochs of 16 minibatches, timed outside `train()` on random inputs. The TorchScript row runs the same",
+        "operations with no Python between them (a measuring device, not shipped: `torch.jit.script` is deprecated);",
+        "the last row runs only the seven matrix products of each step. The last column adds the rest of our",
+        "`train()` with the Fisher on every 5th sample, as measured in the first table.",
+        "",
+        "![speed](speed.png)",
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 
@@ -503,6 +643,7 @@ def main() -> None:
     for env_id in ZOO:
         profile_rows += profile(env_id, args.budget)
     thread_rows = thread_scaling(args.repeats, args.budget)
+    floor_rows = critic_floor(args.repeats, train_rows)
 
     elapsed = time.perf_counter() - started
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
@@ -510,8 +651,9 @@ def main() -> None:
     write_csv(learn_rows, args.out / "speed_learn.csv")
     write_csv(profile_rows, args.out / "speed_profile.csv")
     write_csv(thread_rows, args.out / "speed_threads.csv")
+    write_csv(floor_rows, args.out / "speed_critic_floor.csv")
     plot(train_rows, learn_summary, args.out / "speed.png")
-    write_markdown(command, train_rows, learn_summary, profile_rows, thread_rows, elapsed, args.out / "speed.md")
+    write_markdown(command, train_rows, learn_summary, profile_rows, thread_rows, floor_rows, elapsed, args.out / "speed.md")
     print((args.out / "speed.md").read_text())
 
 
