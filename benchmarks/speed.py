@@ -47,7 +47,7 @@ import sb3_trpo_ext
 from sb3_trpo_ext import TRPO
 from sb3_trpo_ext import trpo as trpo_module
 from sb3_trpo_ext.common import trust_region
-from sb3_trpo_ext.common.critic import regress_mlp
+from sb3_trpo_ext.common.critic import AdamSettings, regress_mlp
 from sb3_trpo_ext.common.mlp import critic_chain
 
 # One thread: on 2 shared cores, 2 threads measured 4-7x slower under load (developers' brief); our own check
@@ -348,13 +348,15 @@ def thread_scaling(repeats: int, budget: int) -> list[dict]:
 def _scripted_regression() -> Any:
     """
     The arithmetic of :func:`regress_mlp` for a tanh chain (forward, backward of the squared error, fused Adam), as
-    a TorchScript loop over the minibatches of one epoch: the cost without Python between the operations. A
-    measuring device only (``torch.jit.script`` is deprecated); ``None`` where this torch cannot script it.
+    a TorchScript loop over the minibatches of one epoch: the cost without Python between the operations (plus
+    three small copies). A measuring device only (``torch.jit.script`` is deprecated); ``None`` where this torch
+    cannot script it.
     """
 
     def epoch(
         inputs: list[th.Tensor], targets: list[th.Tensor], weights: list[th.Tensor], grads: list[th.Tensor],
         flat: th.Tensor, grad: th.Tensor, exp_avg: th.Tensor, exp_avg_sq: th.Tensor, step: th.Tensor, lr: float,
+        beta1: float, beta2: float, eps: float, weight_decay: float,
     ) -> None:  # fmt: skip
         n_layers = len(weights) // 2
         for k in range(len(inputs)):
@@ -372,10 +374,14 @@ def _scripted_regression() -> Any:
                 if i > 0:
                     upstream = th.mm(upstream, weights[2 * i])
             step.add_(1)
-            th._fused_adam_(
-                [flat], [grad], [exp_avg], [exp_avg_sq], [], [step], amsgrad=False, lr=lr, beta1=0.9, beta2=0.999,
-                weight_decay=0.0, eps=1e-8, maximize=False,
+            # The functional kernel, written back: TorchScript drops the in-place ``_fused_adam_`` as dead code.
+            updated = th.ops.aten._fused_adam(
+                [flat], [grad], [exp_avg], [exp_avg_sq], [], [step], amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
+                weight_decay=weight_decay, eps=eps, maximize=False,
             )  # fmt: skip
+            flat.copy_(updated[0][0])
+            exp_avg.copy_(updated[2][0])
+            exp_avg_sq.copy_(updated[3][0])
 
     try:
         return th.jit.script(epoch)
@@ -391,8 +397,9 @@ def critic_floor(repeats: int, train_rows: list[dict]) -> list[dict]:
     """
     kwargs = ZOO["HalfCheetah-v5"]["kwargs"]
     model = TRPO("MlpPolicy", make_env("HalfCheetah-v5", seed=0), seed=0, **kwargs)
-    chain = critic_chain(model.policy)
-    assert chain is not None  # SB3's MlpPolicy: a chain of linear layers on the flattened observation
+    chain, adam = critic_chain(model.policy), AdamSettings.of(model.policy.optimizer)
+    # SB3's MlpPolicy: a chain of tanh-activated linear layers on the flattened observation, and a plain Adam
+    assert chain is not None and adam is not None
     generator = th.Generator().manual_seed(0)
     batch = model.n_steps * model.n_envs
     inputs = th.randn(batch, chain.parameters[0].shape[1], generator=generator)
@@ -410,13 +417,23 @@ def critic_floor(repeats: int, train_rows: list[dict]) -> list[dict]:
     views = [v.view_as(w) for v, w in zip(flat.split(sizes), weights, strict=True)]
     grad_views = [v.view_as(w) for v, w in zip(grad.split(sizes), weights, strict=True)]
 
-    def scripted() -> None:
-        for _ in range(n_epochs):
+    def scripted(epochs: int = n_epochs) -> None:
+        for _ in range(epochs):
             permutation = th.randperm(batch)
             epoch(
                 list(inputs[permutation].split(batch_size)), list(targets[permutation].unsqueeze(1).split(batch_size)),
-                views, grad_views, flat, grad, exp_avg, exp_avg_sq, step, 1e-3,
+                views, grad_views, flat, grad, exp_avg, exp_avg_sq, step, adam.lr, adam.beta1, adam.beta2, adam.eps,
+                adam.weight_decay,
             )  # fmt: skip
+
+    if epoch is not None:
+        # A floor must do the shipped work: one epoch of each from the same weights and permutation agree.
+        th.manual_seed(0)
+        regress_mlp(chain, inputs, targets, model.policy.optimizer, 1, batch_size)
+        th.manual_seed(0)
+        with th.no_grad():
+            scripted(1)
+        th.testing.assert_close(flat, th.cat([p.detach().reshape(-1) for p in chain.parameters]))
 
     x = inputs[:batch_size]
     layers = [(w, w.t()) for w in weights[::2]]
