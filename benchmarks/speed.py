@@ -336,11 +336,6 @@ def thread_scaling(repeats: int, budget: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Report
-# ----------------------------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # 6. How far the critic regression is from its floor
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -470,6 +465,11 @@ def critic_floor(repeats: int, train_rows: list[dict]) -> list[dict]:
                  bound_critic_only=contrib / critic, bound_with_rest=contrib / (critic + rest))
         )  # fmt: skip
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -625,7 +625,7 @@ def write_markdown(
         "20 epochs of 16 minibatches, timed outside `train()` on random inputs. The TorchScript row runs the same",
         "operations with no Python between them, plus three small copies that write Adam's update back (a measuring",
         "device, not shipped: `torch.jit.script` is deprecated); one epoch of it is checked against ours before",
-        "timing. The last row runs only the seven matrix products of each step. The last column adds the rest of",
+        "timing. The last row runs only the eight matrix products of each step. The last column adds the rest of",
         "our `train()` with the Fisher on every 5th sample, as measured in the first table.",
         "",
         "![speed](speed.png)",
