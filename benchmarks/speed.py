@@ -49,6 +49,7 @@ from sb3_trpo_ext import trpo as trpo_module
 from sb3_trpo_ext.common import trust_region
 from sb3_trpo_ext.common.critic import AdamSettings, regress_mlp
 from sb3_trpo_ext.common.mlp import critic_chain
+from sb3_trpo_ext.common.trust_region import flat_concat, unflatten_like
 
 # One thread: on 2 shared cores, 2 threads measured 4-7x slower under load (developers' brief); our own check
 # on this machine agreed for batch-2 rollouts. Both algorithms run with the same setting.
@@ -406,11 +407,9 @@ def critic_floor(repeats: int, train_rows: list[dict]) -> list[dict]:
         regress_mlp(chain, inputs, targets, model.policy.optimizer, n_epochs, batch_size)
 
     epoch = _scripted_regression()
-    flat = th.cat([w.reshape(-1) for w in weights])
+    flat = flat_concat(weights)
     grad, exp_avg, exp_avg_sq, step = th.zeros_like(flat), th.zeros_like(flat), th.zeros_like(flat), th.zeros(())
-    sizes = [w.numel() for w in weights]
-    views = [v.view_as(w) for v, w in zip(flat.split(sizes), weights, strict=True)]
-    grad_views = [v.view_as(w) for v, w in zip(grad.split(sizes), weights, strict=True)]
+    views, grad_views = unflatten_like(flat, weights), unflatten_like(grad, weights)
 
     def scripted(epochs: int = n_epochs) -> None:
         for _ in range(epochs):
@@ -428,7 +427,7 @@ def critic_floor(repeats: int, train_rows: list[dict]) -> list[dict]:
         th.manual_seed(0)
         with th.no_grad():
             scripted(1)
-        th.testing.assert_close(flat, th.cat([p.detach().reshape(-1) for p in chain.parameters]))
+        th.testing.assert_close(flat, flat_concat(chain.parameters))
 
     x = inputs[:batch_size]
     layers = [(w, w.t()) for w in weights[::2]]
