@@ -448,6 +448,11 @@ def critic_floor(repeats: int, train_rows: list[dict]) -> list[dict]:
     def shipped() -> None:
         regress_mlp(chain, inputs, targets, model.policy.optimizer, n_epochs, batch_size)
 
+    def minibatches() -> tuple[list[th.Tensor], list[th.Tensor]]:
+        """One epoch's shuffled minibatches, drawn as ``regress_mlp`` draws them."""
+        permutation = th.randperm(batch)
+        return list(inputs[permutation].split(batch_size)), list(targets[permutation].unsqueeze(1).split(batch_size))
+
     epoch = _scripted_regression()
     flat = flat_concat(weights)
     grad, exp_avg, exp_avg_sq, step = th.zeros_like(flat), th.zeros_like(flat), th.zeros_like(flat), th.zeros(())
@@ -455,11 +460,9 @@ def critic_floor(repeats: int, train_rows: list[dict]) -> list[dict]:
 
     def scripted(epochs: int = n_epochs) -> None:
         for _ in range(epochs):
-            permutation = th.randperm(batch)
             epoch(
-                list(inputs[permutation].split(batch_size)), list(targets[permutation].unsqueeze(1).split(batch_size)),
-                views, grad_views, flat, grad, exp_avg, exp_avg_sq, step, adam.lr, adam.beta1, adam.beta2, adam.eps,
-                adam.weight_decay,
+                *minibatches(), views, grad_views, flat, grad, exp_avg, exp_avg_sq, step, adam.lr, adam.beta1,
+                adam.beta2, adam.eps, adam.weight_decay,
             )  # fmt: skip
 
     compiled_epoch = _compiled_regression([w.shape for w in weights])
@@ -467,10 +470,8 @@ def critic_floor(repeats: int, train_rows: list[dict]) -> list[dict]:
 
     def compiled(epochs: int = n_epochs) -> None:
         for _ in range(epochs):
-            permutation = th.randperm(batch)
             state[:] = compiled_epoch(
-                list(inputs[permutation].split(batch_size)), list(targets[permutation].unsqueeze(1).split(batch_size)),
-                *state, adam.lr, adam.beta1, adam.beta2, adam.eps, adam.weight_decay,
+                *minibatches(), *state, adam.lr, adam.beta1, adam.beta2, adam.eps, adam.weight_decay,
             )  # fmt: skip
 
     # Every twin must do the shipped work: one epoch of each from the same weights and permutation agree.
@@ -507,7 +508,7 @@ def critic_floor(repeats: int, train_rows: list[dict]) -> list[dict]:
     variants["matrix products alone"] = products_only
     times: dict[str, list[float]] = defaultdict(list)
     with th.no_grad():
-        for _ in range(repeats + 1):  # the first round warms up (and compiles the script)
+        for _ in range(repeats + 1):  # the first round warms up (TorchScript's profiling runs included)
             for name, fn in variants.items():
                 start = time.perf_counter()
                 fn()
