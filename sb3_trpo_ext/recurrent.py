@@ -181,7 +181,10 @@ class RecurrentTRPO(TRPO):
         n_envs = len(next(iter(observation.values()))) if isinstance(observation, dict) else len(observation)
         episode_starts = th.ones(n_envs, device=self.device)
         states = self._initial_lstm_states(n_envs).pi
-        distribution, _ = self.policy.get_distribution(observation, states, episode_starts)  # type: ignore[arg-type]
+        # The actor/critic split differentiates this distribution with the policy in eval mode, and cuDNN's LSTM
+        # has no backward in eval mode: run PyTorch's own kernels, whose graph differentiates in either mode.
+        with th.backends.cudnn.flags(enabled=False):
+            distribution, _ = self.policy.get_distribution(observation, states, episode_starts)  # type: ignore[arg-type]
         return distribution
 
     # ---- policy step hooks ------------------------------------------------------------------------------------
