@@ -30,7 +30,7 @@ import sys
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -99,17 +99,33 @@ def median(values: list[float]) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_alone(env_id: str, repeats: int, n_steps: int | None = None, label: str | None = None) -> list[dict]:
+def train_alone(
+    env_id: str, repeats: int, n_steps: int | None = None, label: str | None = None, devices: Sequence[str] = ("cpu",)
+) -> list[dict]:
+    """
+    Time ``train()`` of ours (exact Fisher and Fisher on every 5th sample) and of sb3-contrib, alternating, on one
+    rollout buffer filled by our model and the same initial weights.
+
+    :param env_id: A key of ``ZOO``
+    :param repeats: Timed repeats, after one warm-up round
+    :param n_steps: Overrides the zoo's ``n_steps`` (batch = ``n_steps`` times the number of environments)
+    :param label: Name of the case in the results (default: ``env_id``)
+    :param devices: Torch devices to run every algorithm on, in the same alternation; speed-ups are against
+        sb3-contrib on the same device
+    :return: One row per algorithm and device
+    """
     kwargs = dict(ZOO[env_id]["kwargs"])
     if n_steps is not None:
         kwargs["n_steps"] = n_steps
     env = make_env(env_id, seed=0)
-    variants: dict[str, Any] = {
-        "ours": TRPO("MlpPolicy", env, seed=0, **kwargs),
-        "ours-fisher/5": TRPO("MlpPolicy", env, seed=0, fisher_sub_sampling_factor=5, **kwargs),
-        "sb3-contrib": ContribTRPO("MlpPolicy", env, seed=0, **kwargs),
-    }
-    reference = variants["ours"]
+    variants: dict[tuple[str, str], Any] = {}
+    for device in devices:
+        variants[("ours", device)] = TRPO("MlpPolicy", env, seed=0, device=device, **kwargs)
+        variants[("ours-fisher/5", device)] = TRPO(
+            "MlpPolicy", env, seed=0, device=device, fisher_sub_sampling_factor=5, **kwargs
+        )
+        variants[("sb3-contrib", device)] = ContribTRPO("MlpPolicy", env, seed=0, device=device, **kwargs)
+    reference = TRPO("MlpPolicy", env, seed=0, device="cpu", **kwargs)
     initial = copy.deepcopy(reference.policy.state_dict())
     reference._setup_learn(10**9, None)
     callback = reference._init_callback(None)
@@ -117,19 +133,21 @@ def train_alone(env_id: str, repeats: int, n_steps: int | None = None, label: st
     for model in variants.values():
         model.set_logger(Logger(folder=None, output_formats=[]))
         model.rollout_buffer = copy.deepcopy(reference.rollout_buffer)
-        model.policy.load_state_dict(initial)  # same architecture and names: SB3's ActorCriticPolicy in all three
-    times: dict[str, list[float]] = defaultdict(list)
-    critic_times: dict[str, list[float]] = defaultdict(list)  # ours: the critic regression's part of train()
+        model.rollout_buffer.device = model.device  # the buffer hands out tensors on this device
+    times: dict[tuple[str, str], list[float]] = defaultdict(list)
+    critic_times: dict[tuple[str, str], list[float]] = defaultdict(list)  # ours: the critic regression's part
     for _ in range(repeats + 1):  # the first round warms up
-        for name, model in variants.items():
+        for key, model in variants.items():
+            # same architecture and names: SB3's ActorCriticPolicy in all three
             model.policy.load_state_dict(initial)
             totals: dict[str, float] = defaultdict(float)
             with timed(model, "_critic_step", totals, "critic") if isinstance(model, TRPO) else nullcontext():
+                synchronize(model.device)
                 start = time.perf_counter()
                 model.train()
-                times[name].append(time.perf_counter() - start)
-            critic_times[name].append(totals["critic"])
-    contrib = median(times["sb3-contrib"][1:])
+                synchronize(model.device)
+                times[key].append(time.perf_counter() - start)
+            critic_times[key].append(totals["critic"])
     batch = reference.n_steps * reference.n_envs
     return [
         dict(
@@ -137,12 +155,19 @@ def train_alone(env_id: str, repeats: int, n_steps: int | None = None, label: st
             case=label or env_id,
             batch=batch,
             algorithm=name,
+            device=device,
             median_s=median(values[1:]),
-            speedup_vs_contrib=contrib / median(values[1:]),
-            critic_median_s=median(critic_times[name][1:]) if name != "sb3-contrib" else float("nan"),
+            speedup_vs_contrib=median(times[("sb3-contrib", device)][1:]) / median(values[1:]),
+            critic_median_s=median(critic_times[(name, device)][1:]) if name != "sb3-contrib" else float("nan"),
         )
-        for name, values in times.items()
+        for (name, device), values in times.items()
     ]
+
+
+def synchronize(device: th.device) -> None:
+    """Wait for the device's queued work, so that a host clock times it (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        th.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
