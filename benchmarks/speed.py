@@ -216,40 +216,52 @@ def ported(kwargs: dict[str, Any], env: VecEnv) -> dict[str, Any]:
 LEARNERS = {"ours": TRPO, "sb3-contrib": ContribTRPO}
 
 
-def make_learner(name: str, env_id: str, seed: int) -> Any:
+def make_learner(name: str, env_id: str, seed: int, device: str = "cpu") -> Any:
     """
     :param name: A key of ``LEARNERS``
     :param env_id: A key of ``ZOO``
     :param seed: Seed of the model and its environment
+    :param device: Torch device of the model (explicit: SB3's ``"auto"`` would pick a GPU where there is one)
     :return: The model at the zoo's hyperparameters (ported for ours)
     """
     cls = LEARNERS[name]
     env = make_env(env_id, seed=seed)
     kwargs = ZOO[env_id]["kwargs"]
-    return cls("MlpPolicy", env, seed=seed, **(ported(kwargs, env) if cls is TRPO else kwargs))
+    return cls("MlpPolicy", env, seed=seed, device=device, **(ported(kwargs, env) if cls is TRPO else kwargs))
 
 
-def learn_speed(env_id: str, seeds: Iterable[int], budget: int) -> list[dict]:
+def learn_speed(env_id: str, seeds: Iterable[int], budget: int, devices: Sequence[str] = ("cpu",)) -> list[dict]:
+    """
+    :param env_id: A key of ``ZOO``
+    :param seeds: One run of each algorithm on each device per seed, alternating
+    :param budget: Steps per run
+    :param devices: Torch devices
+    :return: One row per run: steps/s and the final deterministic evaluation return
+    """
     rows = []
     for seed in seeds:
-        for name in LEARNERS:
-            model = make_learner(name, env_id, seed)
-            start = time.perf_counter()
-            model.learn(budget)
-            elapsed = time.perf_counter() - start
-            rows.append(
-                dict(
-                    part="learn",
-                    case=env_id,
-                    algorithm=name,
-                    seed=seed,
-                    steps=budget,
-                    seconds=elapsed,
-                    steps_per_s=budget / elapsed,
-                    final_return=evaluate(model, env_id, seed),
+        for device in devices:
+            for name in LEARNERS:
+                model = make_learner(name, env_id, seed, device)
+                synchronize(model.device)
+                start = time.perf_counter()
+                model.learn(budget)
+                synchronize(model.device)
+                elapsed = time.perf_counter() - start
+                rows.append(
+                    dict(
+                        part="learn",
+                        case=env_id,
+                        algorithm=name,
+                        device=device,
+                        seed=seed,
+                        steps=budget,
+                        seconds=elapsed,
+                        steps_per_s=budget / elapsed,
+                        final_return=evaluate(model, env_id, seed),
+                    )
                 )
-            )
-            print(f"  learn {env_id} {name} seed={seed}: {budget / elapsed:.0f} steps/s", flush=True)
+                print(f"  learn {env_id} {name} on {device}, seed={seed}: {budget / elapsed:.0f} steps/s", flush=True)
     return rows
 
 

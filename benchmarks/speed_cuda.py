@@ -11,8 +11,9 @@ each batch this
 
 times ``train()`` of ours (exact Fisher, and Fisher on every 5th sample) and of sb3-contrib on the CPU at 1 torch
 thread (the default of every benchmark here) and on the GPU, all six alternating, medians of ``--repeats`` after a
-warm-up round (``speed.train_alone``). Results are written after each batch, so a run cut short keeps the batches it
-finished.
+warm-up round (``speed.train_alone``); then end-to-end ``learn()`` steps per second of both on both devices
+(``speed.learn_speed``, ``--learn-seeds`` seeds of ``--learn-budget`` steps). Results are written after each part,
+so a run cut short keeps the parts it finished.
 
 That the GPU takes the same step as the CPU is tested in ``tests/test_cuda.py`` (skipped without a GPU). CPU
 remains the default device of the package; CI never runs either.
@@ -27,13 +28,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch as th
-from speed import RESULTS, ZOO, train_alone, write_csv
+from speed import RESULTS, ZOO, learn_speed, median, train_alone, write_csv
 
 ENV_ID = "HalfCheetah-v5"
 
 
-def write_markdown(command: str, rows: list[dict], elapsed: float, path: Path) -> None:
+def write_markdown(command: str, rows: list[dict], learn_rows: list[dict], elapsed: float, path: Path) -> None:
     import sb3_contrib
     import stable_baselines3
 
@@ -78,6 +80,28 @@ def write_markdown(command: str, rows: list[dict], elapsed: float, path: Path) -
         for name in ("ours", "ours-fisher/5", "sb3-contrib"):
             time_on = {r["device"]: r["median_s"] for r in rows if r["batch"] == batch and r["algorithm"] == name}
             lines.append(f"| {batch} | {name} | {time_on['cpu'] / time_on['cuda']:.2f}x |")
+    if learn_rows:
+        seeds = sorted({r["seed"] for r in learn_rows})
+        lines += [
+            "",
+            f"## End-to-end `learn()`, {learn_rows[0]['steps']} steps, seeds {seeds[0]}-{seeds[-1]}",
+            "",
+            "Our `learn()` gets the ported `target_kl` and `cg_damping` (as in `speed.py`). Final return:",
+            "deterministic policy, 10 episodes, mean ± std over the seeds.",
+            "",
+            "| device | sb3-contrib (steps/s) | ours (steps/s) | speed-up | final return, sb3-contrib | final return, ours |",
+            "|---|---|---|---|---|---|",
+        ]
+        for device in dict.fromkeys(r["device"] for r in learn_rows):
+            on_device = [r for r in learn_rows if r["device"] == device]
+            runs = {n: [r for r in on_device if r["algorithm"] == n] for n in ("ours", "sb3-contrib")}
+            speed = {n: median([r["steps_per_s"] for r in v]) for n, v in runs.items()}
+            returns = {n: [r["final_return"] for r in v] for n, v in runs.items()}
+            lines.append(
+                f"| {device} | {speed['sb3-contrib']:.0f} | {speed['ours']:.0f} | {speed['ours'] / speed['sb3-contrib']:.2f}x "
+                f"| {np.mean(returns['sb3-contrib']):.1f} ± {np.std(returns['sb3-contrib']):.1f} "
+                f"| {np.mean(returns['ours']):.1f} ± {np.std(returns['ours']):.1f} |"
+            )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -93,7 +117,6 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     batches = list(dict.fromkeys(r["batch"] for r in rows))
     devices = list(dict.fromkeys(r["device"] for r in rows))
@@ -121,25 +144,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[8192, 65536])
+    parser.add_argument("--learn-budget", type=int, default=20_480, help="learn() steps per run")
+    parser.add_argument("--learn-seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="batch 2048, one repeat, for checking the script")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not th.cuda.is_available():
         sys.exit("speed_cuda.py needs a CUDA GPU (torch.cuda.is_available() is False)")
     if args.quick:
-        args.repeats, args.batches = 1, [2048]
+        args.repeats, args.batches, args.learn_budget, args.learn_seeds = 1, [2048], 2048, 1
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     n_envs = ZOO[ENV_ID]["n_envs"]
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     rows: list[dict] = []
+    learn_rows: list[dict] = []
+
+    def report() -> None:
+        write_csv(rows, args.out / "speed_cuda.csv")
+        plot(rows, args.out / "speed_cuda.png")
+        if learn_rows:
+            write_csv(learn_rows, args.out / "speed_cuda_learn.csv")
+        write_markdown(command, rows, learn_rows, time.perf_counter() - started, args.out / "speed_cuda.md")
+
     for batch in args.batches:
         rows += train_alone(ENV_ID, args.repeats, n_steps=batch // n_envs, devices=("cpu", "cuda"))
         for r in rows[-6:]:
             print(f"  {r['batch']} {r['device']:>4} {r['algorithm']:>14}: {r['median_s'] * 1e3:9.1f} ms", flush=True)
-        write_csv(rows, args.out / "speed_cuda.csv")
-        plot(rows, args.out / "speed_cuda.png")
-        write_markdown(command, rows, time.perf_counter() - started, args.out / "speed_cuda.md")
+        report()
+    learn_rows = learn_speed(ENV_ID, range(args.learn_seeds), args.learn_budget, devices=("cpu", "cuda"))
+    report()
     print((args.out / "speed_cuda.md").read_text())
 
 
