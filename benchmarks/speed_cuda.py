@@ -1,24 +1,24 @@
 """
-``train()`` on a CUDA GPU against the CPU, ours and ``sb3_contrib.TRPO`` side by side in one process.
+``train()`` and ``learn()`` on a CUDA GPU against the CPU, ours and ``sb3_contrib.TRPO`` side by side in one process.
 
 Usage (from the repository root, on a machine with a CUDA GPU, after ``pip install -e ".[benchmarks]"``)::
 
-    python benchmarks/speed_cuda.py            # batches 8192 and 65536, about 5 minutes on an H100
-    python benchmarks/speed_cuda.py --quick    # smoke run (batch 2048, one repeat)
+    python benchmarks/speed_cuda.py            # about 9 minutes on a lent H100 (5.4 for the train() part)
+    python benchmarks/speed_cuda.py --quick    # smoke run (batch 2048, one repeat, one short learn())
 
-At RL Zoo's HalfCheetah hyperparameters (``speed.py``'s ``ZOO``, only ``n_steps`` changed to set the batch), for
-each batch this
+At RL Zoo's HalfCheetah hyperparameters (``speed.py``'s ``ZOO``; ``n_steps`` set to give the batch):
 
-times ``train()`` of ours (exact Fisher, and Fisher on every 5th sample) and of sb3-contrib on the CPU at 1 torch
-thread (the default of every benchmark here) and on the GPU, all six alternating, medians of ``--repeats`` after a
-warm-up round (``speed.train_alone``); then end-to-end ``learn()`` steps per second of both on both devices
-(``speed.learn_speed``, ``--learn-seeds`` seeds of ``--learn-budget`` steps). Results are written after each part,
-so a run cut short keeps the parts it finished.
+1. ``train()`` of ours (exact Fisher, and Fisher on every 5th sample) and of sb3-contrib on the CPU at 1 torch
+   thread (the default of every benchmark here) and on the GPU, all six alternating, medians of ``--repeats``
+   after a warm-up round (``speed.train_alone``), for each of ``--batches``;
+2. end-to-end ``learn()`` steps per second of both on both devices (``speed.learn_speed``, ``--learn-seeds``
+   seeds of ``--learn-budget`` steps).
 
-That the GPU takes the same step as the CPU is tested in ``tests/test_cuda.py`` (skipped without a GPU). CPU
-remains the default device of the package; CI never runs either.
+Results are written after each batch and part, so a run cut short keeps what it finished. That the GPU takes the
+same step as the CPU is tested in ``tests/test_cuda.py`` (skipped without a GPU). CPU remains the default device
+of the package; CI runs neither.
 
-Results: ``benchmarks/results/speed_cuda.{md,csv,png}`` (``--out`` to change).
+Results: ``benchmarks/results/speed_cuda.{md,csv,png}`` and ``speed_cuda_learn.csv`` (``--out`` to change).
 """
 
 import argparse
