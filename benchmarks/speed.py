@@ -578,7 +578,12 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def summarise_learn(rows: list[dict], raw: dict[str, float]) -> list[dict]:
+def summarise_learn(rows: list[dict], raw: dict[str, float] | None = None) -> list[dict]:
+    """
+    :param rows: ``learn_speed`` rows
+    :param raw: Raw environment steps/s per env id, where measured
+    :return: Per env: median steps/s of each algorithm, their ratio, mean ± std of the final returns
+    """
     summary = []
     for env_id in dict.fromkeys(r["case"] for r in rows):
         by_algo = {a: [r for r in rows if r["case"] == env_id and r["algorithm"] == a] for a in ("ours", "sb3-contrib")}
@@ -590,7 +595,7 @@ def summarise_learn(rows: list[dict], raw: dict[str, float]) -> list[dict]:
                 ours=ours,
                 contrib=contrib,
                 ratio=ours / contrib,
-                raw=raw[env_id],
+                raw=(raw or {}).get(env_id, float("nan")),
                 ours_return=np.mean([r["final_return"] for r in by_algo["ours"]]),
                 ours_return_std=np.std([r["final_return"] for r in by_algo["ours"]]),
                 contrib_return=np.mean([r["final_return"] for r in by_algo["sb3-contrib"]]),

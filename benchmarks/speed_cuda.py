@@ -28,9 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch as th
-from speed import RESULTS, ZOO, learn_speed, median, train_alone, write_csv
+from speed import RESULTS, ZOO, learn_speed, summarise_learn, train_alone, write_csv
 
 ENV_ID = "HalfCheetah-v5"
 
@@ -93,14 +92,11 @@ def write_markdown(command: str, rows: list[dict], learn_rows: list[dict], elaps
             "|---|---|---|---|---|---|",
         ]
         for device in dict.fromkeys(r["device"] for r in learn_rows):
-            on_device = [r for r in learn_rows if r["device"] == device]
-            runs = {n: [r for r in on_device if r["algorithm"] == n] for n in ("ours", "sb3-contrib")}
-            speed = {n: median([r["steps_per_s"] for r in v]) for n, v in runs.items()}
-            returns = {n: [r["final_return"] for r in v] for n, v in runs.items()}
+            (summary,) = summarise_learn([r for r in learn_rows if r["device"] == device])
             lines.append(
-                f"| {device} | {speed['sb3-contrib']:.0f} | {speed['ours']:.0f} | {speed['ours'] / speed['sb3-contrib']:.2f}x "
-                f"| {np.mean(returns['sb3-contrib']):.1f} ± {np.std(returns['sb3-contrib']):.1f} "
-                f"| {np.mean(returns['ours']):.1f} ± {np.std(returns['ours']):.1f} |"
+                f"| {device} | {summary['contrib']:.0f} | {summary['ours']:.0f} | {summary['ratio']:.2f}x "
+                f"| {summary['contrib_return']:.1f} ± {summary['contrib_return_std']:.1f} "
+                f"| {summary['ours_return']:.1f} ± {summary['ours_return_std']:.1f} |"
             )
     path.write_text("\n".join(lines) + "\n")
 
@@ -117,6 +113,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     batches = list(dict.fromkeys(r["batch"] for r in rows))
     devices = list(dict.fromkeys(r["device"] for r in rows))
