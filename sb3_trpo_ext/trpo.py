@@ -54,7 +54,7 @@ from sb3_trpo_ext.common.faults import (
     optimizer_tensors,
     rollout_fault,
 )
-from sb3_trpo_ext.common.mlp import LinearChain, actor_chain, critic_chain, uses_standard_methods
+from sb3_trpo_ext.common.mlp import LinearChain, actor_chain, blas_threads_as_torch, critic_chain, uses_standard_methods
 from sb3_trpo_ext.common.rollout import collect_rollouts, fused_forward
 from sb3_trpo_ext.common.trust_region import (
     TrustRegionConfig,
@@ -725,22 +725,23 @@ class TRPO(OnPolicyAlgorithm):
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
 
-        rollout = next(self.rollout_buffer.get(batch_size=None))
-        value_loss, critic_fault = float("nan"), False
-        fault = rollout_fault(self.rollout_buffer)
-        if fault is not None:
-            stats = TrustRegionStats(objective=float("nan"), fault=fault)
-        else:
-            snapshot = ParameterSnapshot.take([*self._actor_params, *self._critic_params], self.policy.optimizer)
-            stats = self._policy_step(rollout)  # leaves the actor bit-identical itself on a fault
-            if stats.fault is None:
-                value_loss = self._critic_step(rollout)
-                fault = self._critic_fault(value_loss)
-                if fault is not None:
-                    snapshot.restore()
-                    critic_fault = True
-                    stats = TrustRegionStats(objective=float("nan"), fault=fault)
-            fault = stats.fault
+        with blas_threads_as_torch():  # the hand-written MLP arithmetic runs in NumPy on the CPU
+            rollout = next(self.rollout_buffer.get(batch_size=None))
+            value_loss, critic_fault = float("nan"), False
+            fault = rollout_fault(self.rollout_buffer)
+            if fault is not None:
+                stats = TrustRegionStats(objective=float("nan"), fault=fault)
+            else:
+                snapshot = ParameterSnapshot.take([*self._actor_params, *self._critic_params], self.policy.optimizer)
+                stats = self._policy_step(rollout)  # leaves the actor bit-identical itself on a fault
+                if stats.fault is None:
+                    value_loss = self._critic_step(rollout)
+                    fault = self._critic_fault(value_loss)
+                    if fault is not None:
+                        snapshot.restore()
+                        critic_fault = True
+                        stats = TrustRegionStats(objective=float("nan"), fault=fault)
+                fault = stats.fault
         if fault is not None:
             warnings.warn(
                 f"TRPO skipped update {self._n_updates + 1} ({fault}): every parameter and the optimizer state are unchanged",

@@ -39,3 +39,17 @@ def recording_logger():
 
     writer = RecordingWriter()
     return Logger(folder=None, output_formats=[writer]), writer
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def array_backend(request, monkeypatch):
+    """
+    The library the hand-written MLP arithmetic runs on: NumPy for CPU tensors, or torch, which runs it on other
+    devices (here on CPU tensors, so that CI covers that path without a GPU).
+    """
+    if request.param == "torch":
+        from sb3_trpo_ext.common import critic, mlp, trust_region
+
+        for module in (mlp, critic, trust_region):
+            monkeypatch.setattr(module, "array_view", lambda tensor: tensor.detach())
+    return request.param

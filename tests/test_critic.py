@@ -32,7 +32,7 @@ def autograd_regression(net, optimizer, inputs, targets, n_epochs, batch_size) -
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-adam", "adam-by-formula"])
 @pytest.mark.parametrize("activation", [nn.Tanh, nn.ReLU])
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
-def test_regress_mlp_matches_autograd_and_adam(activation, weight_decay, fused, monkeypatch):
+def test_regress_mlp_matches_autograd_and_adam(activation, weight_decay, fused, monkeypatch, array_backend):
     # torch < 2.4 has no fused Adam on the CPU: the formula path must give the same result.
     monkeypatch.setattr(critic, "_fused_adam_available", lambda dtype: fused)
     th.manual_seed(0)

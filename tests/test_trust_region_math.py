@@ -234,7 +234,7 @@ def chain_product(model, observations):
 
 @pytest.mark.parametrize("kind", CHAIN_KINDS)
 @pytest.mark.parametrize("activation", [th.nn.Tanh, th.nn.ReLU])
-def test_chain_fisher_vector_product_equals_kl_hessian(kind, activation, float64_policies):
+def test_chain_fisher_vector_product_equals_kl_hessian(kind, activation, float64_policies, array_backend):
     space, kwargs = ACTION_SPACES[kind]
     kwargs = {**kwargs, "policy_kwargs": {"activation_fn": activation, "net_arch": [16, 8]}}
     model, policy, observations = make_float64_policy(space, kwargs)
@@ -248,18 +248,34 @@ def test_chain_fisher_vector_product_equals_kl_hessian(kind, activation, float64
         assert ((product(vector) - expected).norm() / expected.norm()).item() <= 1e-10
 
 
-def test_chain_jvp_matches_forward_mode_autodiff():
-    from sb3_trpo_ext.common.mlp import linear_chain
+def test_bound_chain_matches_autodiff(array_backend):
+    from sb3_trpo_ext.common import mlp
 
     th.manual_seed(0)
-    modules = [th.nn.Linear(5, 7), th.nn.ReLU(), th.nn.Linear(7, 6), th.nn.Tanh(), th.nn.Linear(6, 3)]
-    chain = linear_chain([m.double() for m in modules])
-    weights = [p.detach() for p in chain.parameters]
-    tangents = [th.randn_like(w) for w in weights]
+    net = th.nn.Sequential(th.nn.Linear(5, 7), th.nn.ReLU(), th.nn.Linear(7, 6), th.nn.Tanh(), th.nn.Linear(6, 3)).double()
+    chain = mlp.linear_chain([net])
+    names = [name for name, _ in net.named_parameters()]  # the chain's order: weight, bias, layer by layer
+    weights = tuple(p.detach() for p in chain.parameters)
     inputs = th.randn(11, 5, dtype=th.float64)
-    _, expected = th.func.jvp(lambda *w: chain.at(w).forward(inputs)[-1], tuple(weights), tuple(tangents))
-    bound = chain.at(weights)
-    assert th.allclose(bound.jvp(bound.forward(inputs), tangents), expected, rtol=1e-12, atol=1e-12)
+
+    def function(*w):
+        return th.func.functional_call(net, dict(zip(names, w, strict=True)), (inputs,))
+
+    tangents = tuple(th.randn_like(w) for w in weights)
+    expected_output, expected_jvp = th.func.jvp(function, weights, tangents)
+    upstream = th.randn_like(expected_output)
+    expected_vjp = flat_concat(th.func.vjp(function, *weights)[1](upstream))
+
+    order = chain.augmented_order()
+    bound = chain.bind(flat_concat(weights)[order], len(inputs))
+    output = th.as_tensor(bound.forward(mlp.array_view(mlp.with_ones_row(inputs))))
+    th.testing.assert_close(output.T, expected_output, rtol=1e-12, atol=1e-12)
+    jvp = th.as_tensor(bound.jvp(chain.blocks(mlp.array_view(flat_concat(tangents)[order]))))
+    th.testing.assert_close(jvp.T, expected_jvp, rtol=1e-12, atol=1e-12)
+    gradient = th.empty(len(order), dtype=th.float64)
+    bound.vjp(mlp.array_view(upstream.T), chain.blocks(mlp.array_view(gradient)))
+    th.testing.assert_close(gradient, expected_vjp[order], rtol=1e-12, atol=1e-12)
+    assert isinstance(bound.weights[0], th.Tensor) == (array_backend == "torch")
 
 
 def test_chain_fisher_vector_product_declines_other_actors(float64_policies):

@@ -11,14 +11,15 @@ interchangeable.
 """
 
 import functools
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch as th
 
-from sb3_trpo_ext.common.mlp import LinearChain
-from sb3_trpo_ext.common.trust_region import flat_concat, set_flat_params, unflatten_like
+from sb3_trpo_ext.common.mlp import Array, BoundChain, LinearChain, array_module, array_view, empty_like_array, with_ones_row
+from sb3_trpo_ext.common.trust_region import flat_concat, set_flat_params
 
 
 @dataclass
@@ -102,38 +103,48 @@ def _fused_adam_available(dtype: th.dtype) -> bool:
         return False
 
 
-def adam_update(
-    param: th.Tensor, grad: th.Tensor, exp_avg: th.Tensor, exp_avg_sq: th.Tensor, step: th.Tensor, settings: AdamSettings
-) -> None:
+def adam_steps(
+    param: th.Tensor,
+    grad: th.Tensor,
+    exp_avg: th.Tensor,
+    exp_avg_sq: th.Tensor,
+    steps_taken: int,
+    settings: AdamSettings,
+) -> Callable[[], None]:
     """
-    One Adam step in place, with ``torch.optim.Adam``'s formulas (bias-corrected moments, ``eps`` added after the
-    square root, L2 ``weight_decay`` added to the gradient).
+    Adam steps in place, one per call of the returned function, with ``torch.optim.Adam``'s formulas
+    (bias-corrected moments, ``eps`` added after the square root, L2 ``weight_decay`` added to the gradient).
 
     :param param: Flat parameters
-    :param grad: Their gradient
+    :param grad: Their gradient (read at each call)
     :param exp_avg: First moment
     :param exp_avg_sq: Second moment
-    :param step: Number of steps taken before this one, a 0-d float tensor on the CPU; incremented
+    :param steps_taken: Number of steps taken before the first call
     :param settings: Hyperparameters
+    :return: The step function
     """
-    step += 1  # torch.optim.Adam counts before the update, and the fused kernel reads the incremented count
+    counts = itertools.count(steps_taken + 1)  # torch.optim.Adam counts a step before taking it
     if param.device.type == "cpu" and _fused_adam_available(param.dtype):
-        # One kernel instead of six: the difference is most of this function's cost at the critic's sizes.
-        th._fused_adam_(  # type: ignore[attr-defined]
-            [param], [grad], [exp_avg], [exp_avg_sq], [], [step], amsgrad=False, lr=settings.lr,
-            beta1=settings.beta1, beta2=settings.beta2, weight_decay=settings.weight_decay, eps=settings.eps,
-            maximize=False,
+        # One kernel instead of six, its arguments bound once: the difference is most of a step's cost at the
+        # critic's sizes.
+        fused = functools.partial(
+            th._fused_adam_,  # type: ignore[attr-defined]
+            [param], [grad], [exp_avg], [exp_avg_sq], [], amsgrad=False, lr=settings.lr, beta1=settings.beta1,
+            beta2=settings.beta2, weight_decay=settings.weight_decay, eps=settings.eps, maximize=False,
         )  # fmt: skip
-        return
-    n = int(step.item())
-    if settings.weight_decay != 0.0:
-        grad = grad.add(param, alpha=settings.weight_decay)
-    exp_avg.lerp_(grad, 1 - settings.beta1)
-    exp_avg_sq.mul_(settings.beta2).addcmul_(grad, grad, value=1 - settings.beta2)
-    # lr / c1 * m / (sqrt(v) / sqrt(c2) + eps), with both bias corrections moved into scalars (one tensor op less)
-    sqrt_c2 = math.sqrt(1 - settings.beta2**n)
-    denominator = exp_avg_sq.sqrt().add_(settings.eps * sqrt_c2)
-    param.addcdiv_(exp_avg, denominator, value=-settings.lr * sqrt_c2 / (1 - settings.beta1**n))
+        return lambda: fused([th.tensor(float(next(counts)))])
+
+    def step() -> None:
+        n = next(counts)
+        gradient = grad if settings.weight_decay == 0.0 else grad.add(param, alpha=settings.weight_decay)
+        exp_avg.lerp_(gradient, 1 - settings.beta1)
+        exp_avg_sq.mul_(settings.beta2).addcmul_(gradient, gradient, value=1 - settings.beta2)
+        # lr / c1 * m / (sqrt(v) / sqrt(c2) + eps), with both bias corrections moved into scalars (one tensor op less)
+        sqrt_c2 = math.sqrt(1 - settings.beta2**n)
+        denominator = exp_avg_sq.sqrt().add_(settings.eps * sqrt_c2)
+        param.addcdiv_(exp_avg, denominator, value=-settings.lr * sqrt_c2 / (1 - settings.beta1**n))
+
+    return step
 
 
 def regress_mlp(
@@ -172,29 +183,43 @@ def regress_mlp(
         return None
 
     with th.no_grad():
-        flat = flat_concat(params)
+        # Everything in the chain's augmented layout; Adam acts elementwise, so the order of the entries is free.
+        order = chain.augmented_order().to(params[0].device)
+        flat, exp_avg, exp_avg_sq = flat_concat(params)[order], adam.exp_avg[order], adam.exp_avg_sq[order]
         grad = th.empty_like(flat)
-        bound, grads = chain.at(unflatten_like(flat, params)), unflatten_like(grad, params)
-        step = th.tensor(float(adam.step))
-        errors: list[th.Tensor] = []  # the loss is only reported: summed once at the end, not at every step
-        for _ in range(n_epochs):
-            permutation = th.randperm(len(targets), device=targets.device)
-            # One gather per epoch, then contiguous minibatches: the same rows as indexing every minibatch.
-            input_batches = inputs[permutation].split(batch_size)
-            target_batches = targets[permutation].unsqueeze(1).split(batch_size)
-            for x, y in zip(input_batches, target_batches, strict=True):
-                outputs = bound.forward(x)
-                error = outputs[-1] - y
-                errors.append(error)
-                bound.vjp(outputs, error * (2 / len(y)), out=grads)
-                adam_update(flat, grad, adam.exp_avg, adam.exp_avg_sq, step, settings)
-        adam.step = int(step.item())
+        gradient = array_view(grad)
+        n = len(targets)
+        features = with_ones_row(inputs.to(flat.dtype))
+        errors = th.empty(n_epochs, n, dtype=flat.dtype, device=flat.device)  # the loss is only reported
+        error_rows = array_view(errors)
+        xp = array_module(gradient)
+        bound: dict[int, tuple[BoundChain, Array]] = {}  # per minibatch size: the chain, the upstream derivative
+        gradients = chain.blocks(gradient)
+        adam_step = adam_steps(flat, grad, exp_avg, exp_avg_sq, adam.step, settings)
+        n_steps = 0
+        for epoch in range(n_epochs):
+            permutation = th.randperm(n, device=targets.device)
+            # One gather per epoch, then contiguous column ranges: the same rows as indexing every minibatch.
+            x = array_view(th.index_select(features, 1, permutation))  # a fifth of the time of features[:, permutation]
+            y = array_view(targets[permutation].to(flat.dtype))
+            for start in range(0, n, batch_size):
+                stop = min(start + batch_size, n)
+                if stop - start not in bound:
+                    bound[stop - start] = (chain.bind(flat, stop - start), empty_like_array(gradient, (1, stop - start)))
+                minibatch_chain, upstream = bound[stop - start]
+                error = error_rows[epoch, start:stop]
+                xp.subtract(minibatch_chain.forward(x[:, start:stop])[0], y[start:stop], out=error)
+                xp.multiply(error, 2 / (stop - start), out=upstream[0])  # derivative of the mean squared error
+                minibatch_chain.vjp(upstream, gradients)
+                adam_step()
+                n_steps += 1
+        adam.exp_avg[order], adam.exp_avg_sq[order] = exp_avg, exp_avg_sq
+        adam.step += n_steps
         adam.store()
-        set_flat_params(params, flat)
-        if not errors:
+        params_flat = th.empty_like(flat)
+        params_flat[order] = flat
+        set_flat_params(params, params_flat)
+        if errors.numel() == 0:
             return float("nan")
         # mean over minibatches of each minibatch's mean squared error
-        sizes = th.tensor([len(e) for e in errors], dtype=flat.dtype, device=flat.device)
-        squared = th.cat(errors).square().squeeze(1)
-        per_row_weight = th.repeat_interleave(1 / sizes, sizes.long())
-        return (squared @ per_row_weight).item() / len(errors)
+        return th.cat([chunk.square().mean(dim=1) for chunk in errors.split(batch_size, dim=1)]).mean().item()

@@ -30,7 +30,7 @@ from stable_baselines3.common.distributions import (
 )
 from torch import nn
 
-from sb3_trpo_ext.common.mlp import LinearChain
+from sb3_trpo_ext.common.mlp import LinearChain, array_module, array_view, empty_like_array, with_ones_row
 
 # --------------------------------------------------------------------------------------------------------------
 # Flat-parameter helpers
@@ -349,11 +349,13 @@ def chain_fisher_vector_product(
     """
     Build ``v -> F v`` as ``J^T M J v`` for an actor whose distribution head is a :class:`LinearChain` on fixed
     inputs: ``J v`` by the chain's forward-mode derivative, ``J^T u`` by its vector-Jacobian product, ``M`` the
-    closed-form metric (:func:`fisher_metric`). Nothing is recorded for autograd, and no graph is kept between
-    products: a few matrix products each.
+    closed-form metric (:func:`fisher_metric`). The chain is evaluated once, here; each product is then a few
+    matrix products into memory allocated once, with nothing recorded for autograd.
 
     Supported: categorical, multi-categorical and Bernoulli heads, masked or not (the chain outputs the logits), and
-    the diagonal Gaussian with a state-independent ``log_std`` (the chain outputs the mean; ``std = exp(log_std)``).
+    the diagonal Gaussian with a state-independent ``log_std`` (the chain outputs the mean; ``std = exp(log_std)``,
+    whose Fisher block is exactly ``2 I``: the metric ``2 / std^2`` of the standard deviation times
+    ``(d std / d log_std)^2 = std^2``).
 
     :param params: Actor parameters, the order of the flat vectors: exactly the chain's (plus ``log_std``)
     :param chain: The actor's head, from its (parameter-free) features to the mean or the logits
@@ -376,9 +378,12 @@ def chain_fisher_vector_product(
     assert statistics is not None  # every distribution accepted above has them
     with th.no_grad():
         statistics = [s.detach() for s in statistics]
-        bound = chain.at([p.detach() for p in chain.parameters])
-        outputs = bound.forward(inputs)
-        head = outputs[-1]
+        # Where the chain's weights sit in the flat parameter vector, listed in the chain's augmented layout
+        positions = unflatten_like(th.arange(sum(p.numel() for p in params), device=inputs.device), params)
+        position = {id(p): where.reshape(-1) for p, where in zip(params, positions, strict=True)}
+        index = th.cat([position[id(p)] for p in chain.parameters])[chain.augmented_order().to(inputs.device)]
+        bound = chain.bind(flat_concat(params)[index], len(inputs))
+        head = th.as_tensor(bound.forward(array_view(with_ones_row(inputs)))).T
         widths = [s.shape[-1] for s in statistics]
         if gaussian:
             assert log_std is not None
@@ -395,24 +400,30 @@ def chain_fisher_vector_product(
             a.shape == b.shape and th.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in pairs
         ):
             return None  # the policy does not compute its distribution the standard way
+        # The product's buffers: the chain's part of the vector, its part of the result, their layer blocks
+        tangent, gradient = th.empty(len(index), dtype=head.dtype, device=head.device), th.empty_like(index, dtype=head.dtype)
+        tangents, gradients = chain.blocks(array_view(tangent)), chain.blocks(array_view(gradient))
+        if gaussian:
+            # the mean's metric, 1 / (std^2 batch), as a column: it multiplies the feature-major head tangent
+            mean_metric = array_view(statistics[1][0].pow(-2).div(len(inputs)).reshape(-1, 1).to(head.dtype))
+            upstream = empty_like_array(mean_metric, tuple(head.T.shape))
+            where = position[id(log_std)]
+            log_std_slice = slice(int(where[0]), int(where[-1]) + 1)  # one parameter: a contiguous range
     metric = fisher_metric(distribution, statistics)
-    position = {id(p): i for i, p in enumerate(params)}
-    chain_index = [position[id(p)] for p in chain.parameters]
 
     @th.no_grad()
     def fisher_vector_product(vector: th.Tensor) -> th.Tensor:
-        tangents = unflatten_like(vector, params)
-        head_tangent = bound.jvp(outputs, [tangents[i] for i in chain_index])
-        if gaussian:
-            weighted = metric([head_tangent, std * tangents[position[id(log_std)]]])
-        else:
-            weighted = metric(list(head_tangent.split(widths, dim=1)))
+        th.index_select(vector, 0, index, out=tangent)
+        head_tangent = bound.jvp(tangents)
         result = th.empty_like(vector)
-        views = unflatten_like(result, params)
-        bound.vjp(outputs, weighted[0] if gaussian else th.cat(weighted, dim=1), out=[views[i] for i in chain_index])
         if gaussian:
-            views[position[id(log_std)]].copy_((weighted[1] * std).sum(dim=0))
-        return result
+            array_module(upstream).multiply(head_tangent, mean_metric, out=upstream)
+            bound.vjp(upstream, gradients)
+            th.mul(vector[log_std_slice], 2, out=result[log_std_slice])
+        else:
+            weighted = metric(list(th.as_tensor(head_tangent).T.split(widths, dim=1)))
+            bound.vjp(array_view(th.cat(weighted, dim=1).T), gradients)
+        return result.index_copy_(0, index, gradient)
 
     return fisher_vector_product
 
