@@ -49,7 +49,7 @@ from sb3_trpo_ext import TRPO
 from sb3_trpo_ext import trpo as trpo_module
 from sb3_trpo_ext.common import trust_region
 from sb3_trpo_ext.common.critic import AdamSettings, regress_mlp
-from sb3_trpo_ext.common.mlp import blas_threads_as_torch, critic_chain
+from sb3_trpo_ext.common.mlp import critic_chain, single_threaded_blas
 from sb3_trpo_ext.common.trust_region import flat_concat, unflatten_like
 
 # One thread: on 2 shared cores, 2 threads measured 4-7x slower under load (developers' brief); our own check
@@ -565,7 +565,7 @@ def critic_floor(repeats: int, train_rows: list[dict]) -> list[dict]:
     variants["matrix products alone, the torch loop"] = products_only
     variants["matrix products alone, the shipped NumPy loop"] = numpy_products_only
     times: dict[str, list[float]] = defaultdict(list)
-    with th.no_grad(), blas_threads_as_torch():
+    with th.no_grad(), single_threaded_blas():
         for _ in range(repeats + 1):  # the first round warms up (TorchScript's profiling runs included)
             for name, fn in variants.items():
                 start = time.perf_counter()

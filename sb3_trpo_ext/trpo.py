@@ -54,7 +54,7 @@ from sb3_trpo_ext.common.faults import (
     optimizer_tensors,
     rollout_fault,
 )
-from sb3_trpo_ext.common.mlp import LinearChain, actor_chain, blas_threads_as_torch, critic_chain, uses_standard_methods
+from sb3_trpo_ext.common.mlp import LinearChain, actor_chain, critic_chain, single_threaded_blas, uses_standard_methods
 from sb3_trpo_ext.common.rollout import collect_rollouts, fused_forward
 from sb3_trpo_ext.common.trust_region import (
     TrustRegionConfig,
@@ -725,7 +725,7 @@ class TRPO(OnPolicyAlgorithm):
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
 
-        with blas_threads_as_torch():  # the hand-written MLP arithmetic runs in NumPy on the CPU
+        with single_threaded_blas():  # the hand-written MLP arithmetic runs in NumPy on the CPU
             rollout = next(self.rollout_buffer.get(batch_size=None))
             value_loss, critic_fault = float("nan"), False
             fault = rollout_fault(self.rollout_buffer)

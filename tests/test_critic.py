@@ -125,3 +125,23 @@ def test_critic_step_equals_the_autograd_critic_step(algorithm, policy_kwargs, h
 def test_minibatch_size_that_does_not_tile_the_rollout_warns_with_what_happens(batch_size, message):
     with pytest.warns(UserWarning, match=message):
         TRPO("MlpPolicy", make_vec_env(TargetEnv, n_envs=2, seed=0), n_steps=64, batch_size=batch_size)
+
+
+def test_train_runs_numpys_blas_on_one_thread(monkeypatch):
+    import threadpoolctl
+
+    model = TRPO("MlpPolicy", make_vec_env(TargetEnv, n_envs=2, seed=0), n_steps=64, batch_size=32, seed=0)
+    model.learn(128)
+    seen = []
+    original = model._critic_step
+
+    def spy(rollout):
+        seen.append([pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"])
+        return original(rollout)
+
+    monkeypatch.setattr(model, "_critic_step", spy)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):  # as NumPy starts on a 2-core machine
+        model.train()
+        after = [pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"]
+    assert seen and seen[0] and set(seen[0]) == {1}
+    assert set(after) == {2}  # restored

@@ -56,16 +56,17 @@ def _thread_pools() -> threadpoolctl.ThreadpoolController:
     return threadpoolctl.ThreadpoolController()
 
 
-def blas_threads_as_torch() -> AbstractContextManager:
+def single_threaded_blas() -> AbstractContextManager:
     """
-    Within the block, the process's BLAS libraries (NumPy's OpenBLAS) use as many threads as torch does
-    (``torch.get_num_threads()``), so that the NumPy arithmetic here honours the user's torch thread setting.
-    Left alone, OpenBLAS starts a thread per core for products of a few hundred rows: on 2 cores that made
-    identical products vary between 1x and 2.5x in time, and with one thread they were as fast as the best.
+    Within the block, the process's BLAS libraries (NumPy's OpenBLAS) run on one thread; the previous setting is
+    restored on exit. The NumPy products here are too small to gain from more, and OpenBLAS's own worker threads
+    fight torch's OpenMP workers, which spin between torch operations: on 2 cores with torch on 2 threads, a
+    HalfCheetah ``train()`` took 2.8 s with OpenBLAS on 2 threads and 73 ms with it on one (78 ms with both on
+    one). With torch on one thread, OpenBLAS's second thread made identical products vary 1x-2.5x in time.
 
-    :return: The context manager (it restores the previous setting on exit)
+    :return: The context manager
     """
-    return _thread_pools().limit(limits=th.get_num_threads(), user_api="blas")
+    return _thread_pools().limit(limits=1, user_api="blas")
 
 
 def array_module(array: Array) -> Any:
