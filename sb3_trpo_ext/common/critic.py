@@ -5,9 +5,9 @@ The critic takes hundreds of small Adam steps per update (RL Zoo's MuJoCo settin
 Through ``nn.Module`` calls, autograd and ``Optimizer.step`` each step costs several times its arithmetic. For the
 standard critic, a chain of ``nn.Linear`` layers with elementwise activations (:class:`LinearChain`),
 :func:`regress_mlp` runs the same computation by hand on one flat parameter vector: the forward pass, the backward
-pass of the mean squared error and Adam as ``torch.optim.Adam`` defines it, on the same shuffled minibatches. The
-optimizer's own state is read before and written back after, so saving, loading and the autograd path stay
-interchangeable.
+pass of the mean squared error (both by :class:`BoundChain`, in NumPy on the CPU) and Adam as ``torch.optim.Adam``
+defines it, on the same shuffled minibatches. The optimizer's own state is read before and written back after, so
+saving, loading and the autograd path stay interchangeable.
 """
 
 import functools
