@@ -42,7 +42,9 @@ skipped, so rerunning the same command after an interruption only trains what is
 directories are wiped and restarted. ``--force`` reruns everything selected.
 
 Writes into ``--out``, from every finished run under ``--runs-dir`` (not only the current selection, so the
-environments can be run in batches):
+environments can be run in batches) and every run of the report already there that ``--runs-dir`` lacks (so a
+fresh checkout, with the committed results and no run files, can rerun one environment without losing the
+others):
 
 - ``learning_curves.csv``: env, algo, seed, timesteps, mean_return, std_return (every evaluation of every run);
 - ``learning_<env>.png``: mean ± std over seeds of the evaluation return against steps, per algorithm, with the
@@ -469,6 +471,12 @@ def markdown(rows: list[dict[str, Any]], envs: list[str], runs: list[Run], run_r
     return "\n".join(lines) + "\n"
 
 
+def table_order(item: tuple["Run", Any]) -> tuple[int, int, int]:
+    """Sort key of ``(run, ...)`` pairs: environments as in ``ENVS``, then algorithm, then seed."""
+    run, order = item[0], {env: i for i, env in enumerate(ENVS)}
+    return order.get(run.env, len(order)), ALGOS.index(run.algo), run.seed
+
+
 def recorded_runs(runs_dir: Path) -> list[tuple[Run, dict[str, Any]]]:
     """Every finished run under ``runs_dir`` (its ``done.json``), whatever the current selection, in table order."""
     found = []
@@ -483,8 +491,42 @@ def recorded_runs(runs_dir: Path) -> list[tuple[Run, dict[str, Any]]]:
             int(record["eval_episodes"]),
         )
         found.append((run, record))
-    order = {env: i for i, env in enumerate(ENVS)}
-    found.sort(key=lambda item: (order.get(item[0].env, len(order)), ALGOS.index(item[0].algo), item[0].seed))
+    return sorted(found, key=table_order)
+
+
+def reported_runs(out: Path) -> list[tuple[Run, dict[str, Any], list[dict[str, Any]]]]:
+    """
+    The runs of the report already in ``out`` (its ``learning_runs.csv`` and ``learning_curves.csv``), each with its
+    evaluation rows: all that a fresh checkout, whose runs directory is empty, knows of them.
+    """
+    runs_file, curves_file = out / "learning_runs.csv", out / "learning_curves.csv"
+    if not (runs_file.exists() and curves_file.exists()):
+        return []
+    curves: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    with open(curves_file, newline="") as file:
+        for row in csv.DictReader(file):
+            typed = {
+                "env": row["env"],
+                "algo": row["algo"],
+                "seed": int(row["seed"]),
+                "timesteps": int(row["timesteps"]),
+                "mean_return": float(row["mean_return"]),
+                "std_return": float(row["std_return"]),
+            }
+            curves.setdefault((typed["env"], typed["algo"], typed["seed"]), []).append(typed)
+    with open(runs_file, newline="") as file:
+        records = list(csv.DictReader(file))
+    found = []
+    for record in records:
+        run = Run(
+            record["env"],
+            record["algo"],
+            int(record["seed"]),
+            int(record["budget"]),
+            int(record["eval_freq"]),
+            int(record["eval_episodes"]),
+        )
+        found.append((run, record, curves.get((run.env, run.algo, run.seed), [])))
     return found
 
 
@@ -493,13 +535,24 @@ def report(runs_dir: Path, out: Path) -> None:
     Aggregate every finished run under ``runs_dir`` into CSVs, PNGs and Markdown in ``out``.
 
     The report covers all finished runs, not only those of the current ``--envs``/``--seeds``/``--algos``, so
-    environments can be run in batches without losing earlier ones from the tables.
+    environments can be run in batches without losing earlier ones from the tables. Runs that the report already in
+    ``out`` lists and ``runs_dir`` does not hold (a fresh checkout has the committed results but no run files) are
+    kept as that report recorded them; a run under ``runs_dir`` replaces its namesake (same environment, algorithm
+    and seed).
     """
     out.mkdir(parents=True, exist_ok=True)
     found = recorded_runs(runs_dir)
+    rows = curve_rows([run for run, _ in found], runs_dir)
+    fresh = {(run.env, run.algo, run.seed) for run, _ in found}
+    for run, record, curve in reported_runs(out):
+        if (run.env, run.algo, run.seed) not in fresh:
+            found.append((run, record))
+            rows += curve
+    found.sort(key=table_order)
     runs = [run for run, _ in found]
     records = [record for _, record in found]
-    rows = curve_rows(runs, runs_dir)
+    order = {(run.env, run.algo, run.seed): i for i, run in enumerate(runs)}
+    rows.sort(key=lambda row: (order[(row["env"], row["algo"], row["seed"])], row["timesteps"]))
     write_csv(out / "learning_curves.csv", rows)
     write_csv(out / "learning_runs.csv", records)
     envs = list(dict.fromkeys(run.env for run in runs))
