@@ -141,6 +141,12 @@ class Run:
     eval_freq: int
     eval_episodes: int
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "Run":
+        """The run that a record describes: a ``done.json``, or a row of ``learning_runs.csv`` (strings)."""
+        keys = ("budget", "eval_freq", "eval_episodes")
+        return cls(record["env"], record["algo"], int(record["seed"]), *(int(record[key]) for key in keys))
+
     def directory(self, runs_dir: Path) -> Path:
         """Directory of this run's files."""
         return runs_dir / self.env / self.algo / f"seed{self.seed}"
@@ -482,14 +488,7 @@ def recorded_runs(runs_dir: Path) -> list[tuple[Run, dict[str, Any]]]:
     found = []
     for path in runs_dir.glob("*/*/seed*/done.json"):
         record = json.loads(path.read_text())
-        run = Run(
-            record["env"],
-            record["algo"],
-            int(record["seed"]),
-            int(record["budget"]),
-            int(record["eval_freq"]),
-            int(record["eval_episodes"]),
-        )
+        run = Run.from_record(record)
         found.append((run, record))
     return sorted(found, key=table_order)
 
@@ -518,14 +517,7 @@ def reported_runs(out: Path) -> list[tuple[Run, dict[str, Any], list[dict[str, A
         records = list(csv.DictReader(file))
     found = []
     for record in records:
-        run = Run(
-            record["env"],
-            record["algo"],
-            int(record["seed"]),
-            int(record["budget"]),
-            int(record["eval_freq"]),
-            int(record["eval_episodes"]),
-        )
+        run = Run.from_record(record)
         found.append((run, record, curves.get((run.env, run.algo, run.seed), [])))
     return found
 
