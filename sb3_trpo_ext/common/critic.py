@@ -196,7 +196,6 @@ def regress_mlp(
         bound: dict[int, tuple[BoundChain, Array]] = {}  # per minibatch size: the chain, the upstream derivative
         gradients = chain.blocks(gradient)
         adam_step = adam_steps(flat, grad, exp_avg, exp_avg_sq, adam.step, settings)
-        n_steps = 0
         for epoch in range(n_epochs):
             permutation = th.randperm(n, device=targets.device)
             # One gather per epoch, then contiguous column ranges: the same rows as indexing every minibatch.
@@ -212,9 +211,8 @@ def regress_mlp(
                 xp.multiply(error, 2 / (stop - start), out=upstream[0])  # derivative of the mean squared error
                 minibatch_chain.vjp(upstream, gradients)
                 adam_step()
-                n_steps += 1
         adam.exp_avg[order], adam.exp_avg_sq[order] = exp_avg, exp_avg_sq
-        adam.step += n_steps
+        adam.step += n_epochs * math.ceil(n / batch_size)
         adam.store()
         params_flat = th.empty_like(flat)
         params_flat[order] = flat

@@ -409,7 +409,8 @@ def chain_fisher_vector_product(
             upstream = empty_like_array(mean_metric, tuple(head.T.shape))
             where = position[id(log_std)]
             log_std_slice = slice(int(where[0]), int(where[-1]) + 1)  # one parameter: a contiguous range
-    metric = fisher_metric(distribution, statistics)
+        else:
+            metric = fisher_metric(distribution, statistics)
 
     @th.no_grad()
     def fisher_vector_product(vector: th.Tensor) -> th.Tensor:
