@@ -153,10 +153,14 @@ class Run:
 
 
 def git_commit() -> str:
-    """Commit of this checkout, with ``-dirty`` when tracked files have uncommitted changes."""
+    """
+    Commit of this checkout, with ``-dirty`` when tracked files have uncommitted changes. The results directory does
+    not count: the report rewrites it while later runs of the same benchmark start, and it holds no code.
+    """
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO).returncode != 0
+        outside_results = ["--", ".", ":(exclude)benchmarks/results"]
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", *outside_results], cwd=REPO).returncode != 0
     except OSError:
         return "unknown"
     return (commit or "unknown") + ("-dirty" if dirty else "")
