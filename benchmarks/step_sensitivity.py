@@ -4,9 +4,9 @@ How much one TRPO update moves when its arithmetic rounds differently.
 A learning run is a chain of hundreds of updates. If an update amplifies rounding, any change to the order of
 floating-point operations (a faster product, another BLAS) turns a rerun with the same seed into a fresh draw
 from the run-to-run distribution. This script measures that amplification on one realistic update: our TRPO with
-the shipped ``HalfCheetah-v5`` entry of ``zoo_configs/trpo_ext.yml``, after ``--warmup`` steps of training, one
-rollout collected, then ``train()`` repeated from that exact state (weights, optimizer state, rollout, random
-seeds) under:
+the shipped ``HalfCheetah-v5`` entry of ``zoo_configs/trpo_ext.yml`` (built by rl_zoo3, as our zoo command builds
+it), after ``--warmup`` steps of training, one rollout collected, then ``train()`` repeated from that exact state
+(weights, optimizer state, rollout, random seeds) under:
 
 - float64 arithmetic (the reference);
 - float64 with the advantages multiplied by ``1 + 1e-14 * N(0, 1)`` (a perturbation near float64 rounding);
@@ -26,6 +26,7 @@ Writes ``benchmarks/results/step_sensitivity.{md,csv}``.
 import argparse
 import copy
 import csv
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,15 +34,12 @@ from typing import Any
 import numpy as np
 import stable_baselines3.common.policies as sb3_policies
 import torch as th
-import yaml
-from stable_baselines3.common.env_util import make_vec_env
+from rl_zoo3.exp_manager import ExperimentManager
 from stable_baselines3.common.logger import Logger
-from stable_baselines3.common.vec_env import VecNormalize
-from torch import nn
 
 from sb3_trpo_ext import TRPO
 from sb3_trpo_ext.common.trust_region import flat_concat
-from sb3_trpo_ext.zoo import config_file
+from sb3_trpo_ext.zoo import config_file, register
 
 th.set_num_threads(1)
 RESULTS = Path(__file__).parent / "results"
@@ -49,20 +47,18 @@ ENV_ID = "HalfCheetah-v5"
 BUFFER_FIELDS = ("observations", "actions", "rewards", "returns", "episode_starts", "values", "log_probs", "advantages")
 
 
-def zoo_entry(env_id: str) -> tuple[dict[str, Any], int, bool]:
-    """The TRPO keyword arguments, ``n_envs`` and ``normalize`` of the shipped zoo entry."""
-    entry = dict(yaml.safe_load(config_file("trpo_ext").read_text())[env_id])
-    n_envs, normalize = entry.pop("n_envs"), bool(entry.pop("normalize", False))
-    for key in ("n_timesteps", "policy"):
-        entry.pop(key, None)
-    if "policy_kwargs" in entry:
-        entry["policy_kwargs"] = eval(entry["policy_kwargs"], {"dict": dict, "nn": nn})  # the zoo's own convention
-    return entry, n_envs, normalize
-
-
-def make_model(kwargs: dict[str, Any], n_envs: int, normalize: bool) -> TRPO:
-    env = make_vec_env(ENV_ID, n_envs=n_envs, seed=0)
-    return TRPO("MlpPolicy", VecNormalize(env) if normalize else env, seed=0, **kwargs)
+def zoo_model(env_id: str, seed: int, folder: str) -> TRPO:
+    """Our TRPO with the shipped zoo entry for ``env_id``, built by rl_zoo3 as ``python -m sb3_trpo_ext.zoo train``
+    builds it (wrappers, ``VecNormalize``, ``policy_kwargs``)."""
+    register()
+    manager = ExperimentManager(
+        argparse.Namespace(), "trpo_ext", env_id, folder, config=str(config_file("trpo_ext")), seed=seed, verbose=0
+    )
+    experiment = manager.setup_experiment()
+    assert experiment is not None  # None only for hyperparameter optimisation
+    model = experiment[0]
+    assert isinstance(model, TRPO)
+    return model
 
 
 def one_update(model: TRPO, state: dict[str, Any], dtype: th.dtype, noise: float) -> tuple[th.Tensor, th.Tensor, float]:
@@ -98,8 +94,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     start = time.perf_counter()
-    kwargs, n_envs, normalize = zoo_entry(ENV_ID)
-    model = make_model(kwargs, n_envs, normalize)
+    folder = tempfile.TemporaryDirectory()  # rl_zoo3's log folder; nothing in it is kept
+    model = zoo_model(ENV_ID, seed=0, folder=folder.name)
     model.learn(args.warmup)
     model._setup_learn(10**9, None, reset_num_timesteps=False)
     env = model.get_env()
@@ -143,8 +139,8 @@ def main() -> None:
         "# One TRPO update under different rounding",
         "",
         f"Command: `python benchmarks/step_sensitivity.py --warmup {args.warmup}`; {time.perf_counter() - start:.0f} s.",
-        f"Our TRPO, the shipped `{ENV_ID}` entry ({kwargs.get('cg_max_steps')} CG steps, cg_damping",
-        f"{kwargs.get('cg_damping')}), after {args.warmup:,} training steps; one rollout, then `train()` from the same",
+        f"Our TRPO, the shipped `{ENV_ID}` entry built by rl_zoo3 ({model.cg_max_steps} CG steps, cg_damping",
+        f"{model.cg_damping}), after {args.warmup:,} training steps; one rollout, then `train()` from the same",
         "state in each case. Difference: `||delta - delta_float64|| / ||delta_float64||` of the parameter change.",
         "",
         "| case | actor update vs float64 | critic update vs float64 | CG relative residual |",
