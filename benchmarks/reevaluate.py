@@ -16,8 +16,9 @@ The one command (from the repository root, after the benchmark's runs exist)::
 
 Options: ``--envs`` (evaluate only these), ``--episodes``, ``--seed-offset``, ``--runs-dir``, ``--out``. The rows
 of an earlier ``reevaluation.csv`` in ``--out`` made with the same ``--episodes`` and ``--seed-offset`` are kept
-for every (environment, algorithm) pair this call does not evaluate: other environments, or the algorithm whose
-runs ``--runs-dir`` does not hold (e.g. after rerunning only ours). Writes
+for every run (environment, algorithm, seed) this call does not evaluate: other environments, the algorithm whose
+runs ``--runs-dir`` does not hold (e.g. after rerunning only ours), or seeds whose run files are gone (e.g. after
+adding seeds 3-4 on a machine that holds only those). Writes
 ``reevaluation.csv`` (one row per run: env, algo, seed, episodes, seed offset, mean and std of the episode
 returns, the run's last benchmark evaluation for comparison) and ``reevaluation.md`` (mean ± std over seeds, per algorithm,
 beside the published figure, with the same verdict rule as ``learning.md``) into ``--out``.
@@ -88,15 +89,16 @@ def reevaluate(run: Run, runs_dir: Path, episodes: int, seed: int) -> list[float
     return [float(r) for r in returns]
 
 
-def kept_rows(path: Path, evaluated: set[tuple[str, str]], episodes: int, seed_offset: int) -> list[dict[str, Any]]:
+def kept_rows(path: Path, evaluated: set[tuple[str, str, int]], episodes: int, seed_offset: int) -> list[dict[str, Any]]:
     """
-    The rows of an earlier ``reevaluation.csv`` for the (environment, algorithm) pairs this call did not evaluate,
-    so that a call with ``--envs``, or on a runs directory holding only one algorithm's reruns, updates what it
-    evaluated and keeps the rest of the table. Rows made with another number of episodes or seed offset are
-    dropped: one table, one protocol.
+    The rows of an earlier ``reevaluation.csv`` for the runs (environment, algorithm, seed) this call did not
+    evaluate, so that a call with ``--envs``, on a runs directory holding only one algorithm's reruns, or holding
+    only the new seeds of an algorithm whose older run files are gone, updates what it evaluated and keeps the
+    rest of the table: the rule ``learning.py`` follows for its report. Rows made with another number of episodes
+    or seed offset are dropped: one table, one protocol.
 
     :param path: The earlier CSV (may be missing)
-    :param evaluated: The (environment, algorithm) pairs this call evaluated
+    :param evaluated: The runs (environment, algorithm, seed) this call evaluated
     :param episodes: This call's ``--episodes``
     :param seed_offset: This call's ``--seed-offset``
     :return: The earlier rows to keep, typed as ``main`` writes them
@@ -107,7 +109,7 @@ def kept_rows(path: Path, evaluated: set[tuple[str, str]], episodes: int, seed_o
     with open(path, newline="") as file:
         for row in csv.DictReader(file):
             same_protocol = int(row["episodes"]) == episodes and int(row.get("seed_offset", -1)) == seed_offset
-            if (row["env"], row["algo"]) not in evaluated and same_protocol:
+            if (row["env"], row["algo"], int(row["seed"])) not in evaluated and same_protocol:
                 kept.append(
                     {
                         **row,
@@ -200,13 +202,13 @@ def main() -> None:
             flush=True,
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    evaluated = {(row["env"], row["algo"]) for row in rows}
+    evaluated = {(row["env"], row["algo"], row["seed"]) for row in rows}
     rows = kept_rows(args.out / "reevaluation.csv", evaluated, args.episodes, args.seed_offset) + rows
     order = {env: i for i, env in enumerate(ENVS)}
     rows.sort(key=lambda row: (order[row["env"]], ALGOS.index(row["algo"]), row["seed"]))
     write_csv(args.out / "reevaluation.csv", rows)
     command = "python benchmarks/reevaluate.py " + " ".join(sys.argv[1:])
-    merged = any((row["env"], row["algo"]) not in evaluated for row in rows)
+    merged = any((row["env"], row["algo"], row["seed"]) not in evaluated for row in rows)
     (args.out / "reevaluation.md").write_text(markdown(rows, args.episodes, args.seed_offset, command.strip(), merged))
     print(f"Wrote {args.out / 'reevaluation.md'} and {args.out / 'reevaluation.csv'}")
 

@@ -12,13 +12,16 @@ import learning  # the benchmark scripts are not a package
 import reevaluate
 
 
-def test_reevaluation_keeps_the_rows_of_every_pair_it_did_not_evaluate(tmp_path: Path) -> None:
-    # Re-evaluating only our reruns of CartPole must keep sb3-contrib's CartPole rows and every Acrobot row.
+def test_reevaluation_keeps_the_rows_of_every_run_it_did_not_evaluate(tmp_path: Path) -> None:
+    # Re-evaluating our CartPole seed 0 and sb3-contrib's new seed 3 (its seeds 0-2 run files gone) must keep
+    # our other CartPole seeds, sb3-contrib's CartPole seeds 0-2 and every Acrobot row.
     path = tmp_path / "reevaluation.csv"
     fields = ["env", "algo", "seed", "episodes", "seed_offset", "mean_return", "std_return", "benchmark_return"]
     rows = [
         ("CartPole-v1", "trpo_ext", 0, 50, 10_000),
+        ("CartPole-v1", "trpo_ext", 1, 50, 10_000),
         ("CartPole-v1", "trpo", 0, 50, 10_000),
+        ("CartPole-v1", "trpo", 3, 50, 10_000),
         ("Acrobot-v1", "trpo_ext", 0, 50, 10_000),
         ("Acrobot-v1", "trpo", 0, 20, 10_000),  # another protocol: dropped
     ]
@@ -26,9 +29,14 @@ def test_reevaluation_keeps_the_rows_of_every_pair_it_did_not_evaluate(tmp_path:
         writer = csv.writer(file)
         writer.writerow(fields)
         writer.writerows([[*row, 1.0, 0.0, 1.0] for row in rows])
-    kept = reevaluate.kept_rows(path, {("CartPole-v1", "trpo_ext")}, episodes=50, seed_offset=10_000)
-    assert [(row["env"], row["algo"]) for row in kept] == [("CartPole-v1", "trpo"), ("Acrobot-v1", "trpo_ext")]
-    assert kept[0]["seed"] == 0 and kept[0]["mean_return"] == 1.0
+    evaluated = {("CartPole-v1", "trpo_ext", 0), ("CartPole-v1", "trpo", 3)}
+    kept = reevaluate.kept_rows(path, evaluated, episodes=50, seed_offset=10_000)
+    assert [(row["env"], row["algo"], row["seed"]) for row in kept] == [
+        ("CartPole-v1", "trpo_ext", 1),
+        ("CartPole-v1", "trpo", 0),
+        ("Acrobot-v1", "trpo_ext", 0),
+    ]
+    assert kept[0]["mean_return"] == 1.0
 
 
 def test_run_commit_is_dirty_for_code_changes_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
