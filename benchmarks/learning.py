@@ -508,15 +508,16 @@ def reported_runs(out: Path) -> list[tuple[Run, dict[str, Any], list[dict[str, A
     curves: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     with open(curves_file, newline="") as file:
         for row in csv.DictReader(file):
+            key = (row["env"], row["algo"], int(row["seed"]))
             typed = {
-                "env": row["env"],
-                "algo": row["algo"],
-                "seed": int(row["seed"]),
+                "env": key[0],
+                "algo": key[1],
+                "seed": key[2],
                 "timesteps": int(row["timesteps"]),
                 "mean_return": float(row["mean_return"]),
                 "std_return": float(row["std_return"]),
             }
-            curves.setdefault((typed["env"], typed["algo"], typed["seed"]), []).append(typed)
+            curves.setdefault(key, []).append(typed)
     with open(runs_file, newline="") as file:
         records = list(csv.DictReader(file))
     found = []

@@ -86,6 +86,7 @@ def reevaluate(run: Run, runs_dir: Path, episodes: int, seed: int) -> list[float
         returns, _ = evaluate_policy(model, env, n_eval_episodes=episodes, deterministic=True, return_episode_rewards=True)
     finally:
         env.close()
+    assert isinstance(returns, list)  # return_episode_rewards=True: one return per episode
     return [float(r) for r in returns]
 
 
