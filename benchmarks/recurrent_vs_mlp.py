@@ -18,6 +18,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch as th
@@ -32,8 +33,8 @@ from sb3_trpo_ext import TRPO, RecurrentTRPO
 
 RESULTS = Path(__file__).parent / "results"
 # Shared by both algorithms (the CartPole-v1 entry of zoo_configs/trpo_ext.yml, smaller rollouts).
-COMMON = dict(n_steps=256, batch_size=256, gamma=0.99, gae_lambda=0.98, cg_damping=1e-3, learning_rate=1e-3)
-ALGORITHMS = {
+COMMON: dict[str, Any] = dict(n_steps=256, batch_size=256, gamma=0.99, gae_lambda=0.98, cg_damping=1e-3, learning_rate=1e-3)
+ALGORITHMS: dict[str, tuple[type[BaseAlgorithm], str, dict[str, Any]]] = {
     "TRPO MlpPolicy": (TRPO, "MlpPolicy", dict(n_critic_updates=20, policy_kwargs=dict(net_arch=[64, 64]))),
     "RecurrentTRPO MlpLstmPolicy": (
         RecurrentTRPO,
@@ -59,6 +60,7 @@ class PeriodicEvaluation(BaseCallback):
 
     def evaluate(self) -> None:
         mean, std = evaluate_policy(self.model, self.env, n_eval_episodes=self.n_episodes, deterministic=True, warn=False)
+        assert isinstance(mean, float) and isinstance(std, float)  # not the per-episode lists
         self.records.append((self.num_timesteps, float(mean), float(std)))
 
     def _on_step(self) -> bool:

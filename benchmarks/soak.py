@@ -19,7 +19,6 @@ import argparse
 import csv
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -197,4 +196,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

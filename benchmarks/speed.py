@@ -129,6 +129,7 @@ def train_alone(
     initial = copy.deepcopy(reference.policy.state_dict())
     reference._setup_learn(10**9, None)
     callback = reference._init_callback(None)
+    assert reference.env is not None
     reference.collect_rollouts(reference.env, callback, reference.rollout_buffer, reference.n_steps)
     for model in variants.values():
         model.set_logger(Logger(folder=None, output_formats=[]))
@@ -179,12 +180,13 @@ def raw_env_speed(env_id: str, steps: int) -> float:
     env = make_env(env_id, seed=0)
     env.reset()
     rng = np.random.default_rng(0)
-    low, high = (env.action_space.low, env.action_space.high) if hasattr(env.action_space, "low") else (None, None)
-    n = env.num_envs
-    if low is None:
-        actions = rng.integers(0, env.action_space.n, size=(steps, n))
+    space, n = env.action_space, env.num_envs
+    if isinstance(space, spaces.Discrete):
+        actions = rng.integers(0, int(space.n), size=(steps, n))
+    elif isinstance(space, spaces.Box):
+        actions = rng.uniform(space.low, space.high, size=(steps, n, *space.shape)).astype(np.float32)
     else:
-        actions = rng.uniform(low, high, size=(steps, n, *env.action_space.shape)).astype(np.float32)
+        raise TypeError(f"raw_env_speed: unsupported action space {space}")
     start = time.perf_counter()
     for i in range(steps):
         env.step(actions[i])
@@ -199,6 +201,7 @@ def evaluate(model, env_id: str, seed: int, n_episodes: int = 10) -> float:
         eval_env.training = False  # frozen statistics
         eval_env.norm_reward = False
     mean_return, _ = evaluate_policy(model, eval_env, n_eval_episodes=n_episodes, deterministic=True)
+    assert isinstance(mean_return, float)  # not the per-episode list
     return float(mean_return)
 
 
@@ -347,6 +350,7 @@ def thread_scaling(repeats: int, budget: int) -> list[dict]:
         model = TRPO("MlpPolicy", env, seed=0, **{**ZOO["HalfCheetah-v5"]["kwargs"], "n_steps": n_steps})
         model.set_logger(Logger(folder=None, output_formats=[]))
         model._setup_learn(10**9, None)
+        assert model.env is not None
         model.collect_rollouts(model.env, model._init_callback(None), model.rollout_buffer, model.n_steps)
         initial = copy.deepcopy(model.policy.state_dict())
         times: dict[int, list[float]] = defaultdict(list)
