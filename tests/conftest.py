@@ -41,15 +41,18 @@ def recording_logger():
     return Logger(folder=None, output_formats=[writer]), writer
 
 
-@pytest.fixture(params=["numpy", "torch"])
+@pytest.fixture(params=["compiled", "numpy", "torch"])
 def array_backend(request, monkeypatch):
     """
-    The library the hand-written MLP arithmetic runs on: NumPy for CPU tensors, or torch, which runs it on other
-    devices (here on CPU tensors, so that CI covers that path without a GPU).
+    What the hand-written MLP arithmetic runs on: the compiled loops for float32 and float64 CPU tensors, or the
+    array-library calls, in NumPy (CPU tensors of other dtypes) or torch (other devices; here on CPU tensors, so
+    that CI covers that path without a GPU).
     """
-    if request.param == "torch":
-        from sb3_trpo_ext.common import critic, mlp, trust_region
+    from sb3_trpo_ext.common import critic, mlp, trust_region
 
+    if request.param != "compiled":
+        monkeypatch.setattr(mlp.CompiledChain, "runs_on", staticmethod(lambda weights: False))
+    if request.param == "torch":
         for module in (mlp, critic, trust_region):
             monkeypatch.setattr(module, "array_view", lambda tensor: tensor.detach())
     return request.param

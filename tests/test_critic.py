@@ -1,6 +1,7 @@
 """The hand-written critic regression equals the autograd + `torch.optim.Adam` one it replaces."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch as th
@@ -127,21 +128,32 @@ def test_minibatch_size_that_does_not_tile_the_rollout_warns_with_what_happens(b
         TRPO("MlpPolicy", make_vec_env(TargetEnv, n_envs=2, seed=0), n_steps=64, batch_size=batch_size)
 
 
-def test_train_runs_numpys_blas_on_one_thread(monkeypatch):
+def test_train_runs_the_blas_it_calls_on_one_thread(monkeypatch):
     import threadpoolctl
+
+    from sb3_trpo_ext.common import kernels
 
     model = TRPO("MlpPolicy", make_vec_env(TargetEnv, n_envs=2, seed=0), n_steps=64, batch_size=32, seed=0)
     model.learn(128)
+    # NumPy's OpenBLAS and the one the compiled kernels call (other BLAS libraries in the process are not ours)
+    ours = {Path(kernels._OPENBLAS._name).resolve()}
+    ours |= {Path(p["filepath"]).resolve() for p in threadpoolctl.threadpool_info() if "numpy" in p["filepath"]}
+    assert len(ours) == 2
+
+    def threads() -> list[int]:
+        pools = threadpoolctl.threadpool_info()
+        return [p["num_threads"] for p in pools if p["user_api"] == "blas" and Path(p["filepath"]).resolve() in ours]
+
     seen = []
     original = model._critic_step
 
     def spy(rollout):
-        seen.append([pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"])
+        seen.append(threads())
         return original(rollout)
 
     monkeypatch.setattr(model, "_critic_step", spy)
     with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):  # as NumPy starts on a 2-core machine
         model.train()
-        after = [pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"]
-    assert seen and seen[0] and set(seen[0]) == {1}
-    assert set(after) == {2}  # restored
+        after = threads()
+    assert seen == [[1, 1]]
+    assert after == [2, 2]  # restored

@@ -5,9 +5,11 @@ The critic takes hundreds of small Adam steps per update (RL Zoo's MuJoCo settin
 Through ``nn.Module`` calls, autograd and ``Optimizer.step`` each step costs several times its arithmetic. For the
 standard critic, a chain of ``nn.Linear`` layers with elementwise activations (:class:`LinearChain`),
 :func:`regress_mlp` runs the same computation by hand on one flat parameter vector: the forward pass, the backward
-pass of the mean squared error (both by :class:`BoundChain`, in NumPy on the CPU) and Adam as ``torch.optim.Adam``
-defines it, on the same shuffled minibatches. The optimizer's own state is read before and written back after, so
-saving, loading and the autograd path stay interchangeable.
+pass of the mean squared error and Adam as ``torch.optim.Adam`` defines it, on the same shuffled minibatches. For
+float32 and float64 CPU tensors the whole regression is one call of a compiled loop
+(:func:`sb3_trpo_ext.common.kernels.regress_chain`); elsewhere it runs as array-library calls
+(:class:`BoundChain`). The optimizer's own state is read before and written back after, so saving, loading and the
+autograd path stay interchangeable.
 """
 
 import functools
@@ -16,9 +18,20 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch as th
 
-from sb3_trpo_ext.common.mlp import Array, BoundChain, LinearChain, array_module, array_view, empty_like_array, with_ones_row
+from sb3_trpo_ext.common import kernels
+from sb3_trpo_ext.common.mlp import (
+    Array,
+    BoundChain,
+    CompiledChain,
+    LinearChain,
+    array_module,
+    array_view,
+    empty_like_array,
+    with_ones_row,
+)
 from sb3_trpo_ext.common.trust_region import flat_concat, set_flat_params
 
 
@@ -186,31 +199,22 @@ def regress_mlp(
         # Everything in the chain's augmented layout; Adam acts elementwise, so the order of the entries is free.
         order = chain.augmented_order().to(params[0].device)
         flat, exp_avg, exp_avg_sq = flat_concat(params)[order], adam.exp_avg[order], adam.exp_avg_sq[order]
-        grad = th.empty_like(flat)
-        gradient = array_view(grad)
         n = len(targets)
-        features = with_ones_row(inputs.to(flat.dtype))
         errors = th.empty(n_epochs, n, dtype=flat.dtype, device=flat.device)  # the loss is only reported
-        error_rows = array_view(errors)
-        xp = array_module(gradient)
-        bound: dict[int, tuple[BoundChain, Array]] = {}  # per minibatch size: the chain, the upstream derivative
-        gradients = chain.blocks(gradient)
-        adam_step = adam_steps(flat, grad, exp_avg, exp_avg_sq, adam.step, settings)
-        for epoch in range(n_epochs):
-            permutation = th.randperm(n, device=targets.device)
-            # One gather per epoch, then contiguous column ranges: the same rows as indexing every minibatch.
-            x = array_view(th.index_select(features, 1, permutation))  # a fifth of the time of features[:, permutation]
-            y = array_view(targets[permutation].to(flat.dtype))
-            for start in range(0, n, batch_size):
-                stop = min(start + batch_size, n)
-                if stop - start not in bound:
-                    bound[stop - start] = (chain.bind(flat, stop - start), empty_like_array(gradient, (1, stop - start)))
-                minibatch_chain, upstream = bound[stop - start]
-                error = error_rows[epoch, start:stop]
-                xp.subtract(minibatch_chain.forward(x[:, start:stop])[0], y[start:stop], out=error)
-                xp.multiply(error, 2 / (stop - start), out=upstream[0])  # derivative of the mean squared error
-                minibatch_chain.vjp(upstream, gradients)
-                adam_step()
+        # Drawn up front: the same random numbers, in the same order, as one randperm per epoch in the loop.
+        permutations = [th.randperm(n, device=targets.device) for _ in range(n_epochs)]
+        if CompiledChain.runs_on(flat):
+            kernels.regress_chain(
+                kernels.gemm_for(array_view(flat).dtype), array_view(flat), array_view(exp_avg), array_view(exp_avg_sq),
+                np.array(chain.shapes, dtype=np.int64), chain.activation_codes,
+                array_view(inputs.to(flat.dtype).contiguous()), array_view(targets.to(flat.dtype).contiguous()),
+                array_view(th.stack(permutations) if permutations else th.empty(0, n, dtype=th.int64)), batch_size,
+                settings.lr, settings.beta1, settings.beta2, settings.eps, settings.weight_decay, adam.step,
+                array_view(errors),
+            )  # fmt: skip
+        else:
+            _regress_by_array_calls(chain, flat, exp_avg, exp_avg_sq, inputs, targets, permutations, batch_size,
+                                    settings, adam.step, errors)  # fmt: skip
         adam.exp_avg[order], adam.exp_avg_sq[order] = exp_avg, exp_avg_sq
         adam.step += n_epochs * math.ceil(n / batch_size)
         adam.store()
@@ -221,3 +225,45 @@ def regress_mlp(
             return float("nan")
         # mean over minibatches of each minibatch's mean squared error
         return th.cat([chunk.square().mean(dim=1) for chunk in errors.split(batch_size, dim=1)]).mean().item()
+
+
+def _regress_by_array_calls(
+    chain: LinearChain,
+    flat: th.Tensor,
+    exp_avg: th.Tensor,
+    exp_avg_sq: th.Tensor,
+    inputs: th.Tensor,
+    targets: th.Tensor,
+    permutations: list[th.Tensor],
+    batch_size: int,
+    settings: AdamSettings,
+    steps_taken: int,
+    errors: th.Tensor,
+) -> None:
+    """
+    :func:`regress_mlp`'s loop as array-library calls (:class:`BoundChain` and :func:`adam_steps`), for devices
+    and dtypes :func:`sb3_trpo_ext.common.kernels.regress_chain` does not run on. Arguments as that function's, in
+    the chain's augmented layout; ``permutations`` holds one sample order per epoch.
+    """
+    grad = th.empty_like(flat)
+    gradient = array_view(grad)
+    n = len(targets)
+    features = with_ones_row(inputs.to(flat.dtype))
+    error_rows = array_view(errors)
+    xp = array_module(gradient)
+    bound: dict[int, tuple[BoundChain | CompiledChain, Array]] = {}  # per minibatch size: the chain, the upstream derivative
+    adam_step = adam_steps(flat, grad, exp_avg, exp_avg_sq, steps_taken, settings)
+    for epoch, permutation in enumerate(permutations):
+        # One gather per epoch, then contiguous column ranges: the same rows as indexing every minibatch.
+        x = array_view(th.index_select(features, 1, permutation))  # a fifth of the time of features[:, permutation]
+        y = array_view(targets[permutation].to(flat.dtype))
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            if stop - start not in bound:
+                bound[stop - start] = (chain.bind(flat, stop - start), empty_like_array(gradient, (1, stop - start)))
+            minibatch_chain, upstream = bound[stop - start]
+            error = error_rows[epoch, start:stop]
+            xp.subtract(minibatch_chain.forward(x[:, start:stop])[0], y[start:stop], out=error)
+            xp.multiply(error, 2 / (stop - start), out=upstream[0])  # derivative of the mean squared error
+            minibatch_chain.vjp(upstream, gradient)
+            adam_step()

@@ -5,16 +5,17 @@ SB3's standard actor and critic heads are chains of ``nn.Linear`` layers with el
 derivatives are a few matrix products each, which autograd computes too, but with a graph, module calls and
 per-tensor bookkeeping that cost more than the arithmetic at the sizes of the critic's minibatch steps (hundreds
 per update, at batch sizes around 128) and of the conjugate gradient's Fisher-vector products (one forward-mode
-and one backward pass each). :class:`LinearChain` describes such a chain; :class:`BoundChain` evaluates it at
+and one backward pass each). :class:`LinearChain` describes such a chain; :meth:`LinearChain.bind` evaluates it at
 given weights, with its Jacobian-vector and vector-Jacobian products in closed form.
 
 The evaluation is laid out so that each layer costs one matrix product and nothing else: activations are
 feature-major, ``(features, batch)``, with a row of ones appended to every layer's input, and each layer's weights
 are one ``[W | b]`` block. The bias is then part of the product, and so is its gradient (no bias sums or
-broadcasts), and every result is written into memory allocated once. On the CPU the arithmetic runs in NumPy, on
-views of the same memory: at these sizes a NumPy operator costs a fraction of a torch one, and NumPy's float32
-``tanh`` is vectorised where torch's is not (on a 128x64 array, 3.3 against 22 us on this project's AMD EPYC
-machines with torch 2.13; README, "Speed"). On other devices it runs in torch, with the same code.
+broadcasts), and every result is written into memory allocated once. Two implementations share that layout:
+:class:`CompiledChain`, for float32 and float64 CPU tensors, calls the loops of :mod:`sb3_trpo_ext.common.kernels`
+(compiled by Numba), one call per pass; :class:`BoundChain` writes the passes as array-library calls, NumPy on views
+of CPU tensors of other dtypes, torch on other devices. At these sizes a NumPy operator costs a fraction of a torch
+one, and a compiled pass a fraction of its NumPy calls (README, "Speed").
 """
 
 import functools
@@ -29,6 +30,8 @@ from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import MlpExtractor
 from torch import nn
+
+from sb3_trpo_ext.common import kernels
 
 # A NumPy array for CPU tensors, the torch tensor itself elsewhere (see array_view)
 Array = Any
@@ -58,8 +61,9 @@ def _thread_pools() -> threadpoolctl.ThreadpoolController:
 
 def single_threaded_blas() -> AbstractContextManager:
     """
-    Within the block, the process's BLAS libraries (NumPy's OpenBLAS) run on one thread; the previous setting is
-    restored on exit. The NumPy products here are too small to gain from more, and OpenBLAS's own worker threads
+    Within the block, the BLAS libraries loaded by the time it first runs (NumPy's OpenBLAS and the one
+    :mod:`sb3_trpo_ext.common.kernels` calls among them) run on one thread; the previous setting is restored on exit.
+    The products here are too small to gain from more, and OpenBLAS's own worker threads
     fight torch's OpenMP workers, which spin between torch operations: on 2 cores with torch on 2 threads, a
     HalfCheetah ``train()`` took 2.8 s with OpenBLAS on 2 threads and 73 ms with it on one (78 ms with both on
     one). With torch on one thread, OpenBLAS's second thread made identical products vary 1x-2.5x in time.
@@ -166,8 +170,7 @@ class LinearChain:
     def blocks(self, flat: Array) -> list[Array]:
         """
         :param flat: A flat array in the augmented layout (weights, a tangent, a gradient)
-        :return: Its ``[W | b]`` block of every layer, as views (what :meth:`BoundChain.jvp` and
-            :meth:`BoundChain.vjp` take: made once by callers that reuse the flat array)
+        :return: Its ``[W | b]`` block of every layer, as views
         """
         views, offset = [], 0
         for out_features, in_features in self.shapes:
@@ -176,14 +179,23 @@ class LinearChain:
             offset += size
         return views
 
-    def bind(self, weights: th.Tensor, batch_size: int) -> "BoundChain":
+    def bind(self, weights: th.Tensor, batch_size: int) -> "BoundChain | CompiledChain":
         """
         :param weights: All weights as one flat vector in the augmented layout (:meth:`augmented_order`); held by
             reference, so later calls see in-place updates
         :param batch_size: The number of samples of every batch it will evaluate
-        :return: The chain at these weights
+        :return: The chain at these weights: compiled for float32 and float64 CPU tensors, array-library calls
+            otherwise (same methods, same results to rounding)
         """
+        if CompiledChain.runs_on(weights):
+            return CompiledChain(self, weights, batch_size)
         return BoundChain(self, weights, batch_size)
+
+    @property
+    def activation_codes(self) -> np.ndarray:
+        """The activations as :mod:`sb3_trpo_ext.common.kernels` numbers them."""
+        codes: dict[type[nn.Module] | None, int] = {None: kernels.IDENTITY, nn.Tanh: kernels.TANH, nn.ReLU: kernels.RELU}
+        return np.array([codes[activation] for activation in self.activations], dtype=np.int64)
 
 
 class BoundChain:
@@ -199,6 +211,7 @@ class BoundChain:
 
     def __init__(self, chain: LinearChain, weights: th.Tensor, batch_size: int):
         flat = array_view(weights)
+        self.chain = chain
         self.xp = array_module(flat)
         self.activations = chain.activations
         self.weights = chain.blocks(flat)
@@ -242,18 +255,18 @@ class BoundChain:
         self.layer_inputs = [inputs, *self.outputs[:-1]]
         return self.outputs[-1][:-1]
 
-    def jvp(self, tangents: Sequence[Array]) -> Array:
+    def jvp(self, tangent: Array) -> Array:
         """
-        Derivative of the output of the last :meth:`forward` when the weights move along ``tangents`` (the inputs
+        Derivative of the output of the last :meth:`forward` when the weights move along ``tangent`` (the inputs
         held fixed): ``d(W h + b) = [dW | db] [h; 1] + W dh`` layer by layer.
 
-        :param tangents: :meth:`LinearChain.blocks` of the flat tangent
+        :param tangent: Flat, in the augmented layout
         :return: ``(out_features, batch)``
         """
         xp, derivative = self.xp, None
-        for i, (tangent, layer_input) in enumerate(zip(tangents, self.layer_inputs, strict=True)):
+        for i, (tangent_block, layer_input) in enumerate(zip(self.chain.blocks(tangent), self.layer_inputs, strict=True)):
             delta, slope = self.deltas[i], self.slopes[i]
-            xp.matmul(tangent, layer_input, out=delta)
+            xp.matmul(tangent_block, layer_input, out=delta)
             if derivative is not None:
                 delta += xp.matmul(self.linear[i], derivative)
             if slope is not None:
@@ -262,14 +275,14 @@ class BoundChain:
         assert derivative is not None  # a chain has at least one layer
         return derivative
 
-    def vjp(self, upstream: Array, gradients: Sequence[Array]) -> None:
+    def vjp(self, upstream: Array, gradient: Array) -> None:
         """
         Gradient of ``sum(upstream * output)`` w.r.t. the weights at the last :meth:`forward`.
 
         :param upstream: Derivative w.r.t. the chain's output, ``(out_features, batch)`` (not modified)
-        :param gradients: :meth:`LinearChain.blocks` of the flat array that receives the gradient
+        :param gradient: Receives the gradient, flat, in the augmented layout
         """
-        xp, layer_inputs = self.xp, self.layer_inputs
+        xp, layer_inputs, gradients = self.xp, self.layer_inputs, self.chain.blocks(gradient)
         for i in range(len(self.weights) - 1, -1, -1):
             slope, delta = self.slopes[i], self.deltas[i]
             if slope is not None:
@@ -285,6 +298,49 @@ class BoundChain:
                 else:
                     xp.matmul(self.transposed[i], upstream, out=below)
                 upstream = below
+
+
+class CompiledChain:
+    """
+    :class:`BoundChain`'s methods for float32 and float64 CPU tensors, each one call of a function compiled by Numba
+    (:mod:`sb3_trpo_ext.common.kernels`) instead of a few array-library calls per layer.
+
+    :param chain: The structure
+    :param weights: Flat weights in the augmented layout (a CPU tensor)
+    :param batch_size: Samples per batch
+    """
+
+    def __init__(self, chain: LinearChain, weights: th.Tensor, batch_size: int):
+        self.weights = array_view(weights)
+        self.shapes = np.array(chain.shapes, dtype=np.int64)
+        self.activations = chain.activation_codes
+        self.gemm = kernels.gemm_for(self.weights.dtype)
+        self.workspace = kernels.new_workspace(self.weights, self.shapes, batch_size)
+        self.output, self.derivative = kernels.chain_results(self.workspace, self.shapes, batch_size)
+        self.inputs = self.workspace[:0].reshape(0, batch_size)
+
+    @staticmethod
+    def runs_on(weights: th.Tensor) -> bool:
+        """Whether the compiled functions take these weights: a float32 or float64 CPU tensor, viewed by NumPy."""
+        return isinstance(array_view(weights), np.ndarray) and weights.dtype in (th.float32, th.float64)
+
+    def forward(self, inputs: Array) -> Array:
+        """As :meth:`BoundChain.forward`."""
+        self.inputs = np.ascontiguousarray(inputs, dtype=self.weights.dtype)
+        kernels.chain_forward(self.gemm, self.weights, self.shapes, self.activations, self.inputs, self.workspace)
+        return self.output
+
+    def jvp(self, tangent: Array) -> Array:
+        """As :meth:`BoundChain.jvp`."""
+        kernels.chain_jvp(self.gemm, self.weights, self.shapes, self.activations, self.inputs, self.workspace, tangent)
+        return self.derivative
+
+    def vjp(self, upstream: Array, gradient: Array) -> None:
+        """As :meth:`BoundChain.vjp`."""
+        upstream = np.ascontiguousarray(upstream, dtype=self.weights.dtype)
+        kernels.chain_vjp(
+            self.gemm, self.weights, self.shapes, self.activations, self.inputs, self.workspace, upstream, gradient
+        )
 
 
 # Policy classes whose own methods compute the action distribution (the maskable one then applies the masks) and

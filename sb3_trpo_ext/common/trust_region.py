@@ -400,9 +400,9 @@ def chain_fisher_vector_product(
             a.shape == b.shape and th.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in pairs
         ):
             return None  # the policy does not compute its distribution the standard way
-        # The product's buffers: the chain's part of the vector, its part of the result, their layer blocks
+        # The product's buffers: the chain's part of the vector and its part of the result
         tangent, gradient = th.empty(len(index), dtype=head.dtype, device=head.device), th.empty_like(index, dtype=head.dtype)
-        tangents, gradients = chain.blocks(array_view(tangent)), chain.blocks(array_view(gradient))
+        tangent_array, gradient_array = array_view(tangent), array_view(gradient)
         if gaussian:
             # the mean's metric, 1 / (std^2 batch), as a column: it multiplies the feature-major head tangent
             mean_metric = array_view(statistics[1][0].pow(-2).div(len(inputs)).reshape(-1, 1).to(head.dtype))
@@ -415,15 +415,15 @@ def chain_fisher_vector_product(
     @th.no_grad()
     def fisher_vector_product(vector: th.Tensor) -> th.Tensor:
         th.index_select(vector, 0, index, out=tangent)
-        head_tangent = bound.jvp(tangents)
+        head_tangent = bound.jvp(tangent_array)
         result = th.empty_like(vector)
         if gaussian:
             array_module(upstream).multiply(head_tangent, mean_metric, out=upstream)
-            bound.vjp(upstream, gradients)
+            bound.vjp(upstream, gradient_array)
             th.mul(vector[log_std_slice], 2, out=result[log_std_slice])
         else:
             weighted = metric(list(th.as_tensor(head_tangent).T.split(widths, dim=1)))
-            bound.vjp(array_view(th.cat(weighted, dim=1).T), gradients)
+            bound.vjp(array_view(th.cat(weighted, dim=1).T.contiguous()), gradient_array)
         return result.index_copy_(0, index, gradient)
 
     return fisher_vector_product
