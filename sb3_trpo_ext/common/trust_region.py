@@ -205,7 +205,8 @@ def detached_copy(distribution: Distribution) -> Distribution:
     Freeze a distribution: a shallow copy that survives the policy re-populating its ``action_dist``.
 
     SB3 policies reuse one ``Distribution`` object and *re-assign* its attributes on every forward pass, so
-    a shallow copy keeps the old values. Call it on a distribution computed under ``th.no_grad()``.
+    a shallow copy keeps the old values. A distribution computed with gradients shares its graph with the copy:
+    read such a copy under ``th.no_grad()`` only, or it is differentiated too.
 
     :param distribution: Distribution to copy
     :return: The copy
@@ -594,12 +595,14 @@ def trust_region_update(
     :return: Statistics of the step
     """
     try:
-        with th.no_grad():
-            old_distribution = detached_copy(distribution_fn())
+        distribution = distribution_fn()
     except ValueError as error:
         # torch validates distribution parameters (e.g. a standard deviation that underflowed to 0).
         return TrustRegionStats(objective=float("nan"), fault=f"invalid action distribution: {str(error)[:120]}")
-    objective = objective_fn(distribution_fn())
+    # The old distribution is this one, frozen: one forward pass for both. Its tensors stay in the objective's
+    # graph, but it is only read under no_grad (the line search's KL, the entropy), never differentiated.
+    old_distribution = detached_copy(distribution)
+    objective = objective_fn(distribution)
     old_objective = objective.item()
     stats = TrustRegionStats(objective=old_objective, entropy=mean_entropy(old_distribution))
     if not math.isfinite(old_objective):
