@@ -548,7 +548,9 @@ def critic_floor(repeats: int, train_rows: list[dict]) -> list[dict]:
                 if i > 0:
                     upstream = th.mm(upstream, layers[i][0])
 
-    # The shipped loop's products: feature-major, biases folded in by a row of ones, results into fixed memory.
+    # The shipped loop's products, laid out as it lays them out (feature-major, biases folded in by a row of ones,
+    # results into fixed memory), through NumPy's matmul: NumPy's OpenBLAS (0.3.31 here) has the small-matrix
+    # kernels of the one the compiled loop calls.
     pairs = zip(weights[::2], weights[1::2], strict=True)
     blocks = [np.ascontiguousarray(th.cat([w, b[:, None]], 1).numpy()) for w, b in pairs]
     layer_inputs = [np.ones((len(block[0]), batch_size), dtype=np.float32) for block in blocks]
@@ -556,7 +558,7 @@ def critic_floor(repeats: int, train_rows: list[dict]) -> list[dict]:
     block_grads = [np.empty_like(block) for block in blocks]
 
     def numpy_products_only() -> None:
-        """The products of a step of the shipped loop (the outer product of the one-unit layer excepted)."""
+        """The products of a step of the shipped loop (the one-unit layer's W^T product excepted)."""
         for _ in range(n_steps):
             for block, layer_input, output in zip(blocks, layer_inputs, layer_outputs, strict=True):
                 np.matmul(block, layer_input, out=output)
@@ -567,7 +569,7 @@ def critic_floor(repeats: int, train_rows: list[dict]) -> list[dict]:
 
     variants = {"ours (shipped)": shipped, **{name: twin for name, (twin, _) in twins.items()}}
     variants["matrix products alone, the torch loop"] = products_only
-    variants["matrix products alone, the shipped NumPy loop"] = numpy_products_only
+    variants["matrix products alone, the shipped loop's layout"] = numpy_products_only
     times: dict[str, list[float]] = defaultdict(list)
     with th.no_grad(), single_threaded_blas():
         for _ in range(repeats + 1):  # the first round warms up (TorchScript's profiling runs included)
@@ -749,13 +751,15 @@ def write_markdown(
     lines += [
         "",
         "20 epochs of 16 minibatches, timed outside `train()` on random inputs, NumPy's BLAS on one thread like",
-        "torch. Ours runs feature-major in NumPy (`sb3_trpo_ext/common/mlp.py`). The TorchScript and torch.compile",
-        "rows run the arithmetic of the batch-major torch loop that it replaced: the first with no Python between",
+        "torch. Ours runs as one compiled loop, feature-major (`sb3_trpo_ext/common/kernels.py`). The TorchScript and",
+        "torch.compile rows run the arithmetic of the batch-major torch loop that the package used before its NumPy",
+        "and compiled loops: the first with no Python between",
         "the operations (plus three small copies that write Adam's update back), the second as one compiled",
         "function per epoch with its element-wise work (tanh and its derivative, bias sums, Adam) fused into",
         "generated C++ loops; compiling is not timed. Both are measuring devices, not shipped; one epoch of each is",
         "checked against ours before timing. The last two rows run only the matrix products of each step, of that",
-        "torch loop and of ours. The last column adds the rest of our `train()` with the Fisher on every 5th",
+        "torch loop and of ours (in our layout, through NumPy). The last column adds the rest of our `train()` with",
+        "the Fisher on every 5th",
         "sample, as measured in the first table.",
         "",
         "![speed](speed.png)",
