@@ -3,7 +3,7 @@ Speed of our TRPO against ``sb3_contrib.TRPO``, measured side by side in one pro
 
 Usage (from the repository root, after ``pip install -e ".[benchmarks]"``)::
 
-    python benchmarks/speed.py                 # full run, about 6 minutes on an idle 2-core machine
+    python benchmarks/speed.py                 # full run, 6-12 minutes on an idle 2-core machine
     python benchmarks/speed.py --quick         # smoke run with tiny budgets
 
 Parts, each alternating ours / sb3-contrib over ``--repeats`` repeats and reporting medians and ratios:
