@@ -11,6 +11,7 @@ Usage (from the repository root)::
     python benchmarks/early_returns.py                      # seeds 0-14, the three speed environments
     python benchmarks/early_returns.py --envs HalfCheetah-v5 --seeds 0 1 2
     python benchmarks/early_returns.py --envs Acrobot-v1 --budget 100000 --eval-episodes 30 --name acrobot_returns
+    python benchmarks/early_returns.py --envs HalfCheetah-v5 --seeds $(seq 0 44) --jobs 2 --name halfcheetah_returns
 
 The last form takes any RL Zoo TRPO entry without ``policy_kwargs`` (with its ``n_timesteps`` left to ``--budget``):
 the question there is whether the two libraries learn alike at the zoo's full budget.
@@ -19,9 +20,11 @@ Results: ``benchmarks/results/early_returns.{md,csv}``. Timing is not reported (
 """
 
 import argparse
+import multiprocessing
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +80,8 @@ def zoo_entry(env_id: str) -> dict[str, Any]:
 
 def run(env_id: str, seed: int, budget: int, eval_episodes: int) -> list[dict]:
     """``learn(budget)`` with ours and sb3-contrib on one seed, as ``speed.learn_speed`` does, recording the steps."""
+    if env_id not in speed.ZOO:  # a worker process starts from speed's own entries
+        speed.ZOO[env_id] = zoo_entry(env_id)
     rows = []
     for name in speed.LEARNERS:
         model = speed.make_learner(name, env_id, seed)
@@ -106,13 +111,20 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=40_960)
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--name", default="early_returns", help="results file name, without extension")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (each seed's pair is one job)")
     parser.add_argument("--out", type=Path, default=speed.RESULTS)
     args = parser.parse_args()
     started = time.perf_counter()
     for env_id in args.envs:
         if env_id not in speed.ZOO:
             speed.ZOO[env_id] = zoo_entry(env_id)
-    rows = [row for env_id in args.envs for seed in args.seeds for row in run(env_id, seed, args.budget, args.eval_episodes)]
+    jobs = [(env_id, seed, args.budget, args.eval_episodes) for env_id in args.envs for seed in args.seeds]
+    if args.jobs > 1:
+        # A run is deterministic given its seed, so the rows do not depend on how the jobs are spread.
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = [row for rows_of_job in pool.map(run, *zip(*jobs, strict=True)) for row in rows_of_job]
+    else:
+        rows = [row for job in jobs for row in run(*job)]
     args.out.mkdir(parents=True, exist_ok=True)
     speed.write_csv(rows, args.out / f"{args.name}.csv")
 
