@@ -127,7 +127,8 @@ ZOO_ALIASES: dict[str, tuple[str, ...]] = {
     "Walker2d-v5": ("Walker2d-v4", "Walker2d-v3"),
     "Swimmer-v5": ("Swimmer-v4", "Swimmer-v3"),
 }
-VERSION_PACKAGES = ("torch", "gymnasium", "stable-baselines3", "sb3-contrib", "rl_zoo3", "sb3-trpo-ext")
+# mujoco and numba were added on 2026-12-04: earlier rows leave them empty
+VERSION_PACKAGES = ("torch", "gymnasium", "mujoco", "stable-baselines3", "sb3-contrib", "rl_zoo3", "sb3-trpo-ext", "numba")
 
 
 @dataclass(frozen=True)
@@ -393,11 +394,11 @@ def verdicts(ours: list[float], contrib: list[float], spec: EnvSpec) -> tuple[st
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write ``rows`` (dicts with the same keys) as CSV."""
+    """Write ``rows`` as CSV: the columns of all of them, in order of appearance, empty where a row lacks one."""
     if not rows:
         return
     with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(file, fieldnames=list(dict.fromkeys(key for row in rows for key in row)), restval="")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -468,7 +469,7 @@ def markdown(rows: list[dict[str, Any]], envs: list[str], runs: list[Run], run_r
     if run_records:
         total = sum(float(record["wall_s"]) for record in run_records)
         values = {
-            name: ", ".join(sorted({str(record.get(name, "?")) for record in run_records}))
+            name: ", ".join(sorted({str(record.get(name) or "?") for record in run_records}))
             for name in ("python", *VERSION_PACKAGES, "commit")
         }
         lines += [
