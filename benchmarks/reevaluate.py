@@ -18,7 +18,9 @@ Options: ``--envs`` (evaluate only these), ``--episodes``, ``--seed-offset``, ``
 of an earlier ``reevaluation.csv`` in ``--out`` made with the same ``--episodes`` and ``--seed-offset`` are kept
 for every run (environment, algorithm, seed) this call does not evaluate: other environments, the algorithm whose
 runs ``--runs-dir`` does not hold (e.g. after rerunning only ours), or seeds whose run files are gone (e.g. after
-adding seeds 3-4 on a machine that holds only those). Writes
+adding seeds 3-4 on a machine that holds only those). A run that ``learning.md``'s report has since replaced (its
+last benchmark evaluation there differs from the earlier row's) loses its earlier row instead, and
+``reevaluation.md`` names it as not re-evaluated: that row measured a policy the table no longer holds. Writes
 ``reevaluation.csv`` (one row per run: env, algo, seed, episodes, seed offset, mean and std of the episode
 returns, the run's last benchmark evaluation for comparison) and ``reevaluation.md`` (mean ± std over seeds, per algorithm,
 beside the published figure, with the same verdict rule as ``learning.md``) into ``--out``.
@@ -28,6 +30,7 @@ import argparse
 import contextlib
 import csv
 import io
+import math
 import statistics
 import sys
 import time
@@ -49,6 +52,7 @@ from learning import (  # the sibling module, found by the path above
     format_result,
     load_evaluations,
     recorded_runs,
+    reported_runs,
     verdicts,
     write_csv,
 )
@@ -90,42 +94,99 @@ def reevaluate(run: Run, runs_dir: Path, episodes: int, seed: int) -> list[float
     return [float(r) for r in returns]
 
 
-def kept_rows(path: Path, evaluated: set[tuple[str, str, int]], episodes: int, seed_offset: int) -> list[dict[str, Any]]:
+def kept_rows(
+    path: Path,
+    evaluated: set[tuple[str, str, int]],
+    episodes: int,
+    seed_offset: int,
+    reported: dict[tuple[str, str, int], float] | None = None,
+) -> tuple[list[dict[str, Any]], list[tuple[str, str, int]]]:
     """
     The rows of an earlier ``reevaluation.csv`` for the runs (environment, algorithm, seed) this call did not
     evaluate, so that a call with ``--envs``, on a runs directory holding only one algorithm's reruns, or holding
     only the new seeds of an algorithm whose older run files are gone, updates what it evaluated and keeps the
     rest of the table: the rule ``learning.py`` follows for its report. Rows made with another number of episodes
-    or seed offset are dropped: one table, one protocol.
+    or seed offset are dropped: one table, one protocol. So are the rows of runs that the benchmark's report has
+    since replaced (a rerun whose model this call could not load): their policies are no longer the table's.
 
     :param path: The earlier CSV (may be missing)
     :param evaluated: The runs (environment, algorithm, seed) this call evaluated
     :param episodes: This call's ``--episodes``
     :param seed_offset: This call's ``--seed-offset``
-    :return: The earlier rows to keep, typed as ``main`` writes them
+    :param reported: Each run's last benchmark evaluation in the current report (:func:`reported_finals`);
+        ``None`` when there is no report to check against
+    :return: The earlier rows to keep, typed as ``main`` writes them, and the runs whose rows were dropped as
+        replaced
     """
     if not path.exists():
-        return []
-    kept = []
+        return [], []
+    kept, replaced = [], []
     with open(path, newline="") as file:
         for row in csv.DictReader(file):
+            key = (row["env"], row["algo"], int(row["seed"]))
             same_protocol = int(row["episodes"]) == episodes and int(row.get("seed_offset", -1)) == seed_offset
-            if (row["env"], row["algo"], int(row["seed"])) not in evaluated and same_protocol:
-                kept.append(
-                    {
-                        **row,
-                        "seed": int(row["seed"]),
-                        "episodes": int(row["episodes"]),
-                        "seed_offset": int(row["seed_offset"]),
-                        **{key: float(row[key]) for key in ("mean_return", "std_return", "benchmark_return")},
-                    }
-                )
-    return kept
+            if key in evaluated or not same_protocol:
+                continue
+            # A run's final evaluation identifies it: a rerun of the same seed draws another curve.
+            if reported is not None and (
+                key not in reported or not math.isclose(reported[key], float(row["benchmark_return"]), rel_tol=1e-9)
+            ):
+                replaced.append(key)
+                continue
+            kept.append(
+                {
+                    **row,
+                    "seed": int(row["seed"]),
+                    "episodes": int(row["episodes"]),
+                    "seed_offset": int(row["seed_offset"]),
+                    **{field: float(row[field]) for field in ("mean_return", "std_return", "benchmark_return")},
+                }
+            )
+    return kept, replaced
 
 
-def markdown(rows: list[dict[str, Any]], episodes: int, seed_offset: int, command: str, merged: bool) -> str:
-    """The table of ``reevaluation.md``; ``merged``: some rows were kept from an earlier call (:func:`kept_rows`)."""
+def reported_finals(out: Path) -> dict[tuple[str, str, int], float] | None:
+    """Each run's last benchmark evaluation in the learning report in ``out``; ``None`` when there is none."""
+    runs = reported_runs(out)
+    if not runs:
+        return None
+    finals = {}
+    for run, _, curve in runs:
+        if curve:
+            finals[(run.env, run.algo, run.seed)] = max(curve, key=lambda row: row["timesteps"])["mean_return"]
+    return finals
+
+
+def replaced_note(replaced: list[tuple[str, str, int]]) -> str:
+    """One sentence naming the runs whose earlier rows :func:`kept_rows` dropped as replaced, or ``""``."""
+    if not replaced:
+        return ""
+    seeds: dict[tuple[str, str], list[int]] = {}
+    for env, algo, seed in replaced:
+        seeds.setdefault((env, algo), []).append(seed)
+    groups = "; ".join(
+        f"{ALGO_LABELS[algo]} on {env}, seeds {', '.join(map(str, sorted(found)))}" for (env, algo), found in seeds.items()
+    )
+    return (
+        f". Not re-evaluated: {len(replaced)} runs that the benchmark has rerun since the earlier call, whose final "
+        f"models this call did not have ({groups}); their earlier rows measured the replaced runs and are dropped"
+    )
+
+
+def markdown(
+    rows: list[dict[str, Any]],
+    episodes: int,
+    seed_offset: int,
+    command: str,
+    merged: bool,
+    replaced: list[tuple[str, str, int]] | None = None,
+) -> str:
+    """
+    The table of ``reevaluation.md``; ``merged``: some rows were kept from an earlier call; ``replaced``: the runs
+    whose earlier rows were dropped (both from :func:`kept_rows`).
+    """
     kept = " (the rows of the runs it did not evaluate kept from an earlier call with the same protocol)" if merged else ""
+    kept += replaced_note(replaced or [])
     lines = [
         "# Learning results, final policies re-evaluated",
         "",
@@ -204,13 +265,18 @@ def main() -> None:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     evaluated = {(row["env"], row["algo"], row["seed"]) for row in rows}
-    rows = kept_rows(args.out / "reevaluation.csv", evaluated, args.episodes, args.seed_offset) + rows
+    kept, replaced = kept_rows(
+        args.out / "reevaluation.csv", evaluated, args.episodes, args.seed_offset, reported_finals(args.out)
+    )
+    rows = kept + rows
     order = {env: i for i, env in enumerate(ENVS)}
     rows.sort(key=lambda row: (order[row["env"]], ALGOS.index(row["algo"]), row["seed"]))
     write_csv(args.out / "reevaluation.csv", rows)
     command = "python benchmarks/reevaluate.py " + " ".join(sys.argv[1:])
     merged = any((row["env"], row["algo"], row["seed"]) not in evaluated for row in rows)
-    (args.out / "reevaluation.md").write_text(markdown(rows, args.episodes, args.seed_offset, command.strip(), merged))
+    (args.out / "reevaluation.md").write_text(
+        markdown(rows, args.episodes, args.seed_offset, command.strip(), merged, replaced)
+    )
     print(f"Wrote {args.out / 'reevaluation.md'} and {args.out / 'reevaluation.csv'}")
 
 

@@ -30,13 +30,54 @@ def test_reevaluation_keeps_the_rows_of_every_run_it_did_not_evaluate(tmp_path: 
         writer.writerow(fields)
         writer.writerows([[*row, 1.0, 0.0, 1.0] for row in rows])
     evaluated = {("CartPole-v1", "trpo_ext", 0), ("CartPole-v1", "trpo", 3)}
-    kept = reevaluate.kept_rows(path, evaluated, episodes=50, seed_offset=10_000)
+    kept, replaced = reevaluate.kept_rows(path, evaluated, episodes=50, seed_offset=10_000)
+    assert replaced == []
     assert [(row["env"], row["algo"], row["seed"]) for row in kept] == [
         ("CartPole-v1", "trpo_ext", 1),
         ("CartPole-v1", "trpo", 0),
         ("Acrobot-v1", "trpo_ext", 0),
     ]
     assert kept[0]["mean_return"] == 1.0
+
+
+def test_reevaluation_drops_the_rows_of_runs_the_benchmark_replaced(tmp_path: Path) -> None:
+    # Our Hopper seed 1 was rerun (its final benchmark evaluation in the report changed) and its new model is
+    # not here: the earlier 50-episode row measured the replaced policy and must not stay in the table.
+    path = tmp_path / "reevaluation.csv"
+    fields = ["env", "algo", "seed", "episodes", "seed_offset", "mean_return", "std_return", "benchmark_return"]
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(fields)
+        writer.writerow(["Hopper-v5", "trpo_ext", 0, 50, 10_000, 3500.0, 10.0, 3600.25])
+        writer.writerow(["Hopper-v5", "trpo_ext", 1, 50, 10_000, 3400.0, 10.0, 3550.5])
+        writer.writerow(["Hopper-v5", "trpo", 0, 50, 10_000, 3000.0, 10.0, 2900.0])
+    reported = {
+        ("Hopper-v5", "trpo_ext", 0): 3600.25,
+        ("Hopper-v5", "trpo_ext", 1): 2811.0,
+        ("Hopper-v5", "trpo", 0): 2900.0,
+    }
+    kept, replaced = reevaluate.kept_rows(path, set(), episodes=50, seed_offset=10_000, reported=reported)
+    assert [(row["algo"], row["seed"]) for row in kept] == [("trpo_ext", 0), ("trpo", 0)]
+    assert replaced == [("Hopper-v5", "trpo_ext", 1)]
+    note = reevaluate.replaced_note(replaced)
+    assert "ours (trpo_ext) on Hopper-v5, seeds 1" in note
+    # A run the report no longer holds at all is not the table's either.
+    kept, replaced = reevaluate.kept_rows(path, set(), 50, 10_000, reported={("Hopper-v5", "trpo", 0): 2900.0})
+    assert [(row["algo"], row["seed"]) for row in kept] == [("trpo", 0)]
+    assert len(replaced) == 2
+
+
+def test_reported_finals_are_each_runs_last_evaluation(tmp_path: Path) -> None:
+    with open(tmp_path / "learning_curves.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["env", "algo", "seed", "timesteps", "mean_return", "std_return"])
+        writer.writerows([["Swimmer-v5", "trpo_ext", 0, 40000, 350.5, 1.0], ["Swimmer-v5", "trpo_ext", 0, 20000, 90.0, 1.0]])
+    assert reevaluate.reported_finals(tmp_path) is None  # no runs file: no report to check against
+    with open(tmp_path / "learning_runs.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["env", "algo", "seed", "budget", "eval_freq", "eval_episodes"])
+        writer.writerow(["Swimmer-v5", "trpo_ext", 0, 40000, 20000, 10])
+    assert reevaluate.reported_finals(tmp_path) == {("Swimmer-v5", "trpo_ext", 0): 350.5}
 
 
 def test_run_commit_is_dirty_for_code_changes_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
