@@ -725,7 +725,7 @@ class TRPO(OnPolicyAlgorithm):
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
 
-        with single_threaded_blas():  # the hand-written MLP arithmetic runs in NumPy on the CPU
+        with single_threaded_blas():  # the hand-written MLP arithmetic calls OpenBLAS on the CPU
             rollout = next(self.rollout_buffer.get(batch_size=None))
             value_loss, critic_fault = float("nan"), False
             fault = rollout_fault(self.rollout_buffer)
