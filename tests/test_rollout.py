@@ -7,7 +7,13 @@ from sb3_contrib.common.envs import InvalidActionEnvDiscrete, InvalidActionEnvMu
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.envs import FakeImageEnv, IdentityEnv, IdentityEnvMultiBinary, IdentityEnvMultiDiscrete
+from stable_baselines3.common.envs import (
+    FakeImageEnv,
+    IdentityEnv,
+    IdentityEnvMultiBinary,
+    IdentityEnvMultiDiscrete,
+    SimpleMultiObsEnv,
+)
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecNormalize
 from torch import nn
@@ -210,7 +216,10 @@ def test_sb3_loop_for_policies_the_fused_forward_does_not_cover():
     assert fused_forward(image.policy) is None
     squashed = TRPO("MlpPolicy", TargetEnv(), n_steps=8, batch_size=8, use_sde=True, policy_kwargs={"squash_output": True})
     assert fused_forward(squashed.policy) is None
-    for model in (image, squashed):
+    # Dict observations go through SB3's own loop, and so into its DictRolloutBuffer.
+    multi = TRPO("MultiInputPolicy", SimpleMultiObsEnv(random_start=False), n_steps=8, batch_size=8)
+    assert fused_forward(multi.policy) is None
+    for model in (image, squashed, multi):
         model.learn(16)
         assert model.num_timesteps == 16
 
