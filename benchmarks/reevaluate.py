@@ -179,14 +179,14 @@ def markdown(
     seed_offset: int,
     command: str,
     merged: bool,
-    replaced: list[tuple[str, str, int]] | None = None,
+    replaced: list[tuple[str, str, int]],
 ) -> str:
     """
     The table of ``reevaluation.md``; ``merged``: some rows were kept from an earlier call; ``replaced``: the runs
     whose earlier rows were dropped (both from :func:`kept_rows`).
     """
     kept = " (the rows of the runs it did not evaluate kept from an earlier call with the same protocol)" if merged else ""
-    kept += replaced_note(replaced or [])
+    kept += replaced_note(replaced)
     lines = [
         "# Learning results, final policies re-evaluated",
         "",
