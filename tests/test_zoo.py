@@ -18,6 +18,7 @@ import yaml
 pytest.importorskip("rl_zoo3", reason="the zoo extra is not installed")
 
 from sb3_trpo_ext import TRPO
+from sb3_trpo_ext.callbacks import TargetKLSchedule
 from sb3_trpo_ext.zoo import CONFIG_DIR, config_file, prepare_arguments, register, sample_trpo_ext_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +121,9 @@ def test_every_shipped_entry_builds_a_model(path, env_id, tmp_path):
     for key in ("target_kl", "n_steps", "batch_size", "gamma", "use_sde", "n_critic_updates"):
         if key in spec:
             assert getattr(model, key) == pytest.approx(spec[key]), key
+    # An entry's `callback` reaches training: the zoo builds it and hands it to learn().
+    schedules = [callback for callback in manager.callbacks if isinstance(callback, TargetKLSchedule)]
+    assert len(schedules) == len([name for name in spec.get("callback", []) if "TargetKLSchedule" in str(name)])
     model.get_env().close()
 
 
