@@ -1,5 +1,7 @@
 """Callbacks specific to the trust-region algorithms."""
 
+from typing import cast
+
 from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_trpo_ext.common.validation import check_float, check_target_kl
@@ -29,18 +31,21 @@ class TargetKLSchedule(BaseCallback):
         super().__init__(verbose)
         self.final_fraction = check_float("final_fraction", final_fraction, low=0.0, high=1.0, low_open=True)
         self.initial_target_kl: float | None = None
-        self.trpo: TRPO | None = None
+
+    @property
+    def trpo(self) -> TRPO:
+        """The model, typed as the TRPO that ``_on_training_start`` checked it to be."""
+        return cast(TRPO, self.model)
 
     def _on_training_start(self) -> None:
         if not isinstance(self.model, TRPO):
             raise TypeError(
                 f"TargetKLSchedule needs a TRPO model (TRPO, RecurrentTRPO or MaskableTRPO), got {type(self.model).__name__}"
             )
-        self.trpo = self.model
         self.initial_target_kl = check_target_kl(self.trpo.target_kl)
 
     def _on_rollout_end(self) -> None:
-        assert self.trpo is not None and self.initial_target_kl is not None
+        assert self.initial_target_kl is not None
         progress = min(1.0, self.trpo.num_timesteps / self.trpo._total_timesteps)
         self.trpo.target_kl = self.initial_target_kl * (1.0 - (1.0 - self.final_fraction) * progress)
         self.logger.record("train/target_kl", self.trpo.target_kl)
@@ -49,5 +54,5 @@ class TargetKLSchedule(BaseCallback):
         return True
 
     def _on_training_end(self) -> None:
-        if self.trpo is not None and self.initial_target_kl is not None:
+        if self.initial_target_kl is not None:
             self.trpo.target_kl = self.initial_target_kl

@@ -8,16 +8,21 @@ from sb3_trpo_ext import TRPO, MaskableTRPO, RecurrentTRPO
 from sb3_trpo_ext.callbacks import TargetKLSchedule
 
 
-def radii_used(algorithm_class, policy, final_fraction, env="CartPole-v1", total_timesteps=512, n_steps=64):
-    """Learn with the schedule and return the ``target_kl`` every update saw, and the model."""
-    seen: list[float] = []
+def recording(algorithm_class, seen: list[float]):
+    """``algorithm_class`` that appends the ``target_kl`` of every update to ``seen``."""
 
     class Recording(algorithm_class):  # type: ignore[valid-type, misc]
         def train(self) -> None:
             seen.append(self.target_kl)
             super().train()
 
-    model = Recording(policy, env, n_steps=n_steps, batch_size=64, target_kl=0.04, seed=0)
+    return Recording
+
+
+def radii_used(algorithm_class, policy, final_fraction, env="CartPole-v1", total_timesteps=512, n_steps=64):
+    """Learn with the schedule and return the ``target_kl`` every update saw, and the model."""
+    seen: list[float] = []
+    model = recording(algorithm_class, seen)(policy, env, n_steps=n_steps, batch_size=64, target_kl=0.04, seed=0)
     model.learn(total_timesteps, callback=TargetKLSchedule(final_fraction=final_fraction))
     return seen, model
 
@@ -46,13 +51,8 @@ def test_final_fraction_one_keeps_the_radius():
 
 def test_continued_learning_follows_sb3_progress():
     seen: list[float] = []
-
-    class Recording(TRPO):
-        def train(self) -> None:
-            seen.append(self.target_kl)
-            super().train()
-
-    model = Recording("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=64, target_kl=0.04, seed=0).learn(128)
+    model = recording(TRPO, seen)("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=64, target_kl=0.04, seed=0)
+    model.learn(128)
     seen.clear()
     model.learn(128, callback=TargetKLSchedule(final_fraction=0.5), reset_num_timesteps=False)
     # Progress counts all 256 steps, as SB3's own schedules do after reset_num_timesteps=False.
