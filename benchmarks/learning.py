@@ -52,7 +52,8 @@ others):
 - ``learning.md``: final evaluation return, mean ± std over seeds, per algorithm and environment, the published
   anchor and the verdicts (see ``verdicts``);
 - ``learning_runs.csv``: every run's exact command, return code, wall time and the versions of Python, torch,
-  Gymnasium, SB3, sb3-contrib, rl_zoo3 and this package, and the commit of this checkout when the run started.
+  Gymnasium, SB3, sb3-contrib, rl_zoo3 and this package, the commit of this checkout when the run started, and the
+  CPU model and torch's CPU instruction set (runs repeat bit for bit only where all of these match).
 """
 
 import argparse
@@ -167,8 +168,41 @@ def git_commit() -> str:
     return (commit or "unknown") + ("-dirty" if dirty else "")
 
 
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """
+    The CPU model as ``/proc/cpuinfo`` names it, with its family and model numbers: a cloud machine's model name can
+    be as vague as "AMD EPYC", and the same command gave different runs on two machines of one kind whose CPUs were
+    not recorded (``tuning.md``, ninth round of 2026-12-07). ``platform.processor()`` without ``/proc/cpuinfo``.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.processor() or "unknown"
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's entry; the others repeat it
+    name = fields.get("model name") or platform.processor() or "unknown"
+    if "cpu family" in fields and "model" in fields:
+        return f"{name} (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
+def torch_cpu_capability() -> str:
+    """The instruction set torch's CPU kernels dispatch to ("AVX512", "AVX2", ...): it changes floating-point results."""
+    try:
+        import torch
+    except ImportError:
+        return "not installed"
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
 def versions() -> dict[str, str]:
-    """Versions of Python and the packages that determine the results, and the commit of this checkout."""
+    """
+    Versions of Python and the packages that determine the results, the CPU they ran on, and the commit of this
+    checkout. Runs repeat bit for bit only when all of these match.
+    """
     found = {"python": platform.python_version()}
     for package in VERSION_PACKAGES:
         try:
@@ -176,6 +210,9 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             found[package] = "not installed"
     found["commit"] = git_commit()
+    # added on 2026-12-07, after the table's rows were made: their rows leave both empty
+    found["cpu"] = cpu_model()
+    found["cpu_capability"] = torch_cpu_capability()
     return found
 
 

@@ -97,3 +97,22 @@ def test_run_commit_is_dirty_for_code_changes_only(tmp_path: Path, monkeypatch: 
     assert not learning.git_commit().endswith("-dirty")
     (tmp_path / "code.py").write_text("a = 2\n")
     assert learning.git_commit().endswith("-dirty")
+
+
+def test_cpu_model_names_family_and_model_numbers() -> None:
+    # A cloud CPU's name can be just "AMD EPYC": the family and model numbers tell such CPUs apart.
+    cpuinfo = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+    other = cpuinfo.replace("model\t\t: 17", "model\t\t: 1")
+    assert learning.cpu_model(cpuinfo) == "AMD EPYC (family 25, model 17)"
+    assert learning.cpu_model(cpuinfo + "\n" + other) == "AMD EPYC (family 25, model 17)"  # first processor's
+    assert learning.cpu_model(other) != learning.cpu_model(cpuinfo)
+    assert learning.cpu_model("model name\t: Some CPU\n") == "Some CPU"
+
+
+def test_each_run_records_the_cpu_and_torch_instruction_set() -> None:
+    import torch
+
+    found = learning.versions()
+    assert found["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert found["cpu"] == learning.cpu_model()
+    assert found["cpu"] not in ("", "unknown")
