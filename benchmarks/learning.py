@@ -191,10 +191,8 @@ def cpu_model(cpuinfo: str | None = None) -> str:
 
 def torch_cpu_capability() -> str:
     """The instruction set torch's CPU kernels dispatch to ("AVX512", "AVX2", ...): it changes floating-point results."""
-    try:
-        import torch
-    except ImportError:
-        return "not installed"
+    import torch  # here, not at the top: the report-only path needs no torch until a run is launched
+
     return str(torch.backends.cpu.get_cpu_capability())
 
 
